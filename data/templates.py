@@ -1,0 +1,260 @@
+"""Chat templates that render a conversation as *pieces* whose ownership is known by construction.
+
+A template never produces one opaque string that is later searched for role words (FastChat's
+`tokenization mismatch` bug). It produces a list of `Piece`s: template text, a message's content,
+or a message's end-of-turn text. Tokenization (data/tokenize.py) turns pieces into ids and decides
+supervision from the piece kinds, so which tokens carry loss follows from how the prompt was built.
+
+Built-ins render exactly the prompt strings FastChat 0.2.36 renders for the same names (tested against
+`fastchat.conversation`), except that `llama-2`'s dangling `<s>` after the final reply is dropped.
+`chatml` is Qwen-style and `llama-3` is Meta's format. `tokenizer` uses the tokenizer's own Jinja
+`chat_template`, split into pieces by rendering growing prefixes of the conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+PieceKind = Literal["template", "content", "eot"]
+HEADER = -1  # message index of template text that belongs to no message (BOS, default system prompt)
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    msg: int  # index into the messages list, or HEADER
+    kind: PieceKind  # "content": the message text (never parsed for special tokens);
+    # "eot": end-of-turn text, supervised together with its message; "template": never supervised
+    # (except with mask="all")
+
+
+class TemplateError(ValueError):
+    """A conversation cannot be rendered with the chosen template."""
+
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def _split_system(messages: list[dict]) -> tuple[str | None, int]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], 0
+    return None, HEADER
+
+
+def _colon_two(roles: tuple[str, str], sep: str, sep2: str, default_system: str):
+    """FastChat ADD_COLON_TWO (vicuna_v1.1, alpaca): `SYSTEM<sep>ROLE: msg<sep|sep2>...`."""
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+        system, sys_idx = _split_system(messages)
+        pieces = [Piece(system, sys_idx, "content")] if system is not None else [Piece(default_system, HEADER, "template")]
+        pieces.append(Piece(sep, sys_idx, "template"))
+        for i, m in enumerate(messages):
+            if m["role"] == "system":
+                continue
+            user = m["role"] == "user"
+            pieces.append(Piece(f"{roles[0] if user else roles[1]}: ", i, "template"))
+            pieces.append(Piece(m["content"], i, "content"))
+            pieces.append(Piece(sep if user else sep2, i, "template" if user else "eot"))
+        if add_generation_prompt:
+            pieces.append(Piece(f"{roles[1]}:", HEADER, "template"))
+        return pieces
+
+    return render
+
+
+def _llama2_style(system_template: str, sep2_eot: str, sep2_next: str):
+    """FastChat LLAMA2 style (llama-2, mistral): `[INST] <sys>u1 [/INST] a1<sep2>[INST] u2 [/INST] ...`.
+
+    FastChat's sep2 is split in two: the end-of-turn part (` </s>` / `</s>`) is supervised with the
+    reply; the part that opens the next turn (`<s>` for llama-2) is template text and is emitted only
+    when another turn follows (the dangling final `<s>` is dropped, see DESIGN.md §2).
+    """
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+        system, sys_idx = _split_system(messages)
+        if system:
+            pre, post = system_template.split("{system_message}")
+            pieces = [Piece(pre, sys_idx, "template"), Piece(system, sys_idx, "content"), Piece(post, sys_idx, "template")]
+        else:
+            pieces = [Piece("[INST] ", HEADER, "template")]
+        turn = 0
+        for i, m in enumerate(messages):
+            if m["role"] == "system":
+                continue
+            if m["role"] == "user":
+                if turn > 0:
+                    pieces.append(Piece(sep2_next + "[INST] ", i, "template") if sep2_next else Piece("[INST] ", i, "template"))
+                pieces += [Piece(m["content"], i, "content"), Piece(" ", i, "template")]
+            else:
+                pieces += [Piece("[/INST] ", i, "template"), Piece(m["content"], i, "content"), Piece(sep2_eot, i, "eot")]
+            turn += 1
+        if add_generation_prompt:
+            pieces.append(Piece("[/INST]", HEADER, "template"))
+        return pieces
+
+    return render
+
+
+def _zephyr(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+    """FastChat `zephyr` (CHATML style with `</s>`): `<|system|>\\nSYS</s>\\n<|user|>\\nmsg</s>\\n...`."""
+    system, sys_idx = _split_system(messages)
+    pieces = [Piece("<|system|>\n", sys_idx, "template")]
+    if system:
+        pieces.append(Piece(system, sys_idx, "content"))
+    pieces.append(Piece("</s>\n", sys_idx, "template"))
+    for i, m in enumerate(messages):
+        if m["role"] == "system":
+            continue
+        pieces += [Piece(f"<|{m['role']}|>\n", i, "template"), Piece(m["content"], i, "content")]
+        if m["role"] == "assistant":
+            pieces += [Piece("</s>", i, "eot"), Piece("\n", i, "template")]
+        else:
+            pieces.append(Piece("</s>\n", i, "template"))
+    if add_generation_prompt:
+        pieces.append(Piece("<|assistant|>\n", HEADER, "template"))
+    return pieces
+
+
+def _chatml(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+    """Qwen-style ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n` per message, no default system."""
+    pieces = []
+    for i, m in enumerate(messages):
+        pieces += [Piece(f"<|im_start|>{m['role']}\n", i, "template"), Piece(m["content"], i, "content")]
+        pieces.append(Piece("<|im_end|>", i, "eot" if m["role"] == "assistant" else "template"))
+        pieces.append(Piece("\n", i, "template"))
+    if add_generation_prompt:
+        pieces.append(Piece("<|im_start|>assistant\n", HEADER, "template"))
+    return pieces
+
+
+def _llama3(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+    """Meta's Llama-3 format; content is stripped as Meta's reference template does."""
+    pieces = [Piece("<|begin_of_text|>", HEADER, "template")]
+    for i, m in enumerate(messages):
+        pieces.append(Piece(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", i, "template"))
+        pieces.append(Piece(m["content"].strip(), i, "content"))
+        pieces.append(Piece("<|eot_id|>", i, "eot" if m["role"] == "assistant" else "template"))
+    if add_generation_prompt:
+        pieces.append(Piece("<|start_header_id|>assistant<|end_header_id|>\n\n", HEADER, "template"))
+    return pieces
+
+
+RenderFn = Callable[[list[dict], bool], list[Piece]]
+
+BUILTIN_TEMPLATES: dict[str, RenderFn] = {
+    "vicuna_v1.1": _colon_two(("USER", "ASSISTANT"), " ", "</s>", VICUNA_SYSTEM),
+    "alpaca": _colon_two(("### Instruction", "### Response"), "\n\n", "</s>", ALPACA_SYSTEM),
+    "llama-2": _llama2_style("[INST] <<SYS>>\n{system_message}\n<</SYS>>\n\n", " </s>", "<s>"),
+    "mistral": _llama2_style("[INST] {system_message}\n", "</s>", ""),
+    "zephyr": _zephyr,
+    "chatml": _chatml,
+    "llama-3": _llama3,
+}
+
+# Stop strings a generator should honour for each template (the end-of-turn text).
+END_OF_TURN: dict[str, list[str]] = {
+    "vicuna_v1.1": ["</s>"], "alpaca": ["</s>"], "llama-2": ["</s>"], "mistral": ["</s>"],
+    "zephyr": ["</s>"], "chatml": ["<|im_end|>"], "llama-3": ["<|eot_id|>"],
+}
+
+TEMPLATE_NAMES = [*BUILTIN_TEMPLATES, "tokenizer"]
+
+
+def render_pieces(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False) -> list[Piece]:
+    """Render normalized messages (see data/validate.py) into pieces. Pure function."""
+    if template == "tokenizer":
+        if tokenizer is None:
+            raise TemplateError("template 'tokenizer' needs a tokenizer")
+        return _jinja_pieces(messages, tokenizer, add_generation_prompt)
+    try:
+        render = BUILTIN_TEMPLATES[template]
+    except KeyError:
+        raise TemplateError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_NAMES)}") from None
+    return [p for p in render(messages, add_generation_prompt) if p.text]
+
+
+def render_text(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False) -> str:
+    return "".join(p.text for p in render_pieces(messages, template, tokenizer, add_generation_prompt))
+
+
+# --- the tokenizer's own Jinja chat_template -------------------------------------------------------
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises many types (TemplateError, exceptions from raise_exception())
+        raise TemplateError(f"the tokenizer's chat_template failed to render: {e}") from e
+
+
+def _jinja_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) -> list[Piece]:
+    """Split a Jinja template's output into pieces by rendering growing prefixes of the conversation.
+
+    Each message's text is the difference between the render of messages[:i+1] and of messages[:i].
+    The template must be prefix-stable (rendering more messages only appends); templates that rewrite
+    earlier turns are rejected. The content is located inside its own message's delta only.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError("template 'tokenizer' was chosen but the tokenizer has no chat_template")
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    pieces: list[Piece] = []
+    prev = ""
+    for i, m in enumerate(messages):
+        full = _apply(tokenizer, messages[: i + 1], False)
+        if not full.startswith(prev):
+            raise TemplateError(
+                f"the tokenizer's chat_template is not prefix-stable at message {i}: rendering more messages "
+                "changed earlier text, so turns cannot be attributed; use a built-in --template"
+            )
+        delta = full[len(prev):]
+        header_len = 0
+        if m["role"] == "assistant":
+            gen = _apply(tokenizer, messages[:i], True) if i > 0 else ""
+            if gen.startswith(prev) and full.startswith(gen):
+                header_len = len(gen) - len(prev)
+        content = m["content"]
+        pos = delta.find(content, header_len)
+        if pos < 0 and content.strip():
+            content = content.strip()
+            pos = delta.find(content, header_len)
+        if pos < 0:
+            raise TemplateError(f"the tokenizer's chat_template altered the content of message {i}; use a built-in --template")
+        head, tail = delta[:pos], delta[pos + len(content):]
+        if head:  # the message's header (for message 0 also any default system prompt)
+            pieces.append(Piece(head, i, "template"))
+        pieces.append(Piece(content, i, "content"))
+        if tail:
+            eot_end = _end_of_last_special(tail, special)
+            if eot_end == 0:
+                eot_end = len(tail.rstrip())
+            if eot_end:
+                pieces.append(Piece(tail[:eot_end], i, "eot" if m["role"] == "assistant" else "template"))
+            if tail[eot_end:]:
+                pieces.append(Piece(tail[eot_end:], i, "template"))
+        prev = full
+    if add_generation_prompt:
+        gen = _apply(tokenizer, messages, True)
+        if not gen.startswith(prev):
+            raise TemplateError("the tokenizer's chat_template is not prefix-stable for the generation prompt")
+        if gen[len(prev):]:
+            pieces.append(Piece(gen[len(prev):], HEADER, "template"))
+    return pieces
+
+
+def _end_of_last_special(text: str, special: set[str]) -> int:
+    end = 0
+    for tok in special:
+        if tok:
+            pos = text.rfind(tok)
+            if pos >= 0:
+                end = max(end, pos + len(tok))
+    return end
