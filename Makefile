@@ -1,0 +1,43 @@
+# Newcomer commands: `make demo` and `make test`. Everything else is a building block.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.chattune-installed
+DEMO_DATA := data/demo/chattune_demo.jsonl
+
+.PHONY: install assets test test-fast demo lint bench-preprocess clean-cache
+
+# torch is pinned first so pip takes the local CPU wheel instead of a multi-GB CUDA build;
+# DeepSpeed builds no ops at install time (they JIT-compile on first use); FastChat is installed
+# without its dependencies, only as the reference our template tests compare against.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps fschat==0.2.36
+	touch $(STAMP)
+
+install: $(STAMP)
+
+assets: install
+	$(PY) -m data.assets
+
+test: assets
+	$(PY) -m pytest -q
+
+test-fast: assets
+	$(PY) -m pytest -q -m "not slow"
+
+demo: assets
+	$(PY) -m data.validate $(DEMO_DATA)
+	$(PY) -m data.inspect --data $(DEMO_DATA) --tokenizer asset:smollm2 --template chatml --index 0 --count 2
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench-preprocess: assets
+	$(PY) scripts/bench_preprocess.py
+
+clean-cache:
+	rm -rf $${CHATTUNE_CACHE:-$$HOME/.cache/chattune}/datasets

@@ -1,0 +1,115 @@
+"""Reading conversation files: `.json` (array), `.jsonl`, `.parquet`, directories and globs.
+
+Reading only parses; it never judges a record (data/validate.py does). Every row comes back with its
+location so any later error can name `PATH:LINE` (jsonl, 1-based) or `PATH:INDEX` (json/parquet).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class Row:
+    path: str
+    loc: int  # 1-based line for .jsonl, 0-based record index for .json/.parquet
+    value: Any = None
+    error: str | None = None  # set when the row could not even be parsed
+
+
+def expand_paths(paths: str | os.PathLike | list) -> list[str]:
+    """Files named by paths, directories (recursively, sorted) and globs; errors name the bad path."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    files: list[str] = []
+    for p in map(str, paths):
+        if any(ch in p for ch in "*?["):
+            matches = sorted(m for m in glob.glob(p, recursive=True) if m.endswith(SUFFIXES))
+            if not matches:
+                raise FileNotFoundError(f"{p}: glob matches no {'/'.join(SUFFIXES)} file")
+            files += matches
+        elif os.path.isdir(p):
+            found = sorted(
+                os.path.join(root, f) for root, _, names in os.walk(p) for f in names if f.endswith(SUFFIXES)
+            )
+            if not found:
+                raise FileNotFoundError(f"{p}: directory holds no {'/'.join(SUFFIXES)} file")
+            files += found
+        elif os.path.isfile(p):
+            if not p.endswith(SUFFIXES):
+                raise ValueError(f"{p}: unsupported file type (expected {', '.join(SUFFIXES)})")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return files
+
+
+def read_rows(paths) -> Iterator[Row]:
+    for path in expand_paths(paths):
+        if path.endswith(".jsonl"):
+            yield from _read_jsonl(path)
+        elif path.endswith(".json"):
+            yield from _read_json(path)
+        else:
+            yield from _read_parquet(path)
+
+
+def _read_jsonl(path: str) -> Iterator[Row]:
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield Row(path, lineno, json.loads(line))
+                except json.JSONDecodeError as e:
+                    yield Row(path, lineno, error=f"malformed JSON: {e.msg} at column {e.colno}")
+        except UnicodeDecodeError as e:
+            yield Row(path, lineno + 1, error=f"file is not valid UTF-8 ({e.reason})")
+
+
+def _read_json(path: str) -> Iterator[Row]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        yield Row(path, e.lineno, error=f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}")
+        return
+    except UnicodeDecodeError as e:
+        yield Row(path, 0, error=f"file is not valid UTF-8 ({e.reason})")
+        return
+    if isinstance(data, dict):  # a single record, or {"data": [...]}-style wrappers are not guessed at
+        data = [data]
+    if not isinstance(data, list):
+        yield Row(path, 0, error=f"a .json file must hold an array of records, found {type(data).__name__}")
+        return
+    for i, value in enumerate(data):
+        yield Row(path, i, value)
+
+
+def _read_parquet(path: str) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for corrupt files
+        yield Row(path, 0, error=f"cannot read parquet: {e}")
+        return
+    for i, value in enumerate(table.to_pylist()):
+        yield Row(path, i, _drop_nulls(value))
+
+
+def _drop_nulls(value):
+    """Parquet unifies schemas, so a key absent from a row comes back as null: treat it as absent."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value

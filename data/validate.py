@@ -1,0 +1,280 @@
+"""Validate and normalize ShareGPT / OpenAI `messages` / Alpaca records to one message format.
+
+    python -m data.validate PATH...   # exit 0 if clean, else 1 and `PATH:LINE: problem (record id)` lines
+
+Normalized record (DESIGN.md §2): {"id", "messages": [{"role": system|user|assistant, "content", "train"?}]}
+with an optional leading system message followed by user/assistant turns that alternate, starting with
+the user and containing at least one assistant reply. Each rule broken is reported with the file,
+line (jsonl) or index (json/parquet), record id and the rule; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from data.formats import Row, read_rows
+
+ROLE_ALIASES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "system": "system",
+}
+SHAREGPT_TURN_KEYS = {"from", "value", "train"}
+OPENAI_MESSAGE_KEYS = {"role", "content", "train", "name"}
+ON_BAD_RECORD = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    loc: int
+    record_id: str | None
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        rid = f" ({self.record_id})" if self.record_id is not None else ""
+        return f"{self.path}:{self.loc}: {self.message}{rid}"
+
+
+class DataError(ValueError):
+    def __init__(self, problems: list[Problem], limit: int = 50):
+        self.problems = problems
+        lines = [str(p) for p in problems[:limit]]
+        if len(problems) > limit:
+            lines.append(f"... and {len(problems) - limit} more")
+        super().__init__(f"{len(problems)} bad record(s):\n" + "\n".join(lines))
+
+
+@dataclass
+class ValidationOptions:
+    merge_consecutive: bool = False  # join two consecutive same-role turns with a blank line
+    drop_leading_assistant: bool = False  # drop assistant turns before the first user turn (FastChat does)
+
+
+@dataclass
+class LoadReport:
+    """What happened to every row read: kept, fixed (and how), or skipped (and why)."""
+
+    rows: int = 0
+    kept: int = 0
+    skipped: list[Problem] = field(default_factory=list)
+    fixes: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict:
+        return {
+            "rows": self.rows, "kept": self.kept, "skipped": len(self.skipped),
+            "skipped_by_rule": dict(Counter(p.rule for p in self.skipped)),
+            "fixes": dict(self.fixes),
+            "skipped_records": [
+                {"path": p.path, "loc": p.loc, "id": p.record_id, "rule": p.rule, "message": p.message} for p in self.skipped
+            ],
+        }
+
+
+class _Bad(Exception):
+    def __init__(self, rule: str, message: str):
+        self.rule, self.message = rule, message
+
+
+def _content(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad("bad-content", f"{where}: content must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _Bad("bad-content", f"{where}: content is empty")
+    return value
+
+
+def _train_flag(turn: dict, where: str):
+    flag = turn.get("train")
+    if flag is not None and not isinstance(flag, bool):
+        raise _Bad("bad-field", f"{where}: 'train' must be true or false, got {flag!r}")
+    return flag
+
+
+def _messages_from_sharegpt(rec: dict) -> list[dict]:
+    turns = rec["conversations"]
+    if not isinstance(turns, list):
+        raise _Bad("bad-field", f"'conversations' must be a list, got {type(turns).__name__}")
+    out = []
+    system = rec.get("system")
+    if system is not None and not (isinstance(system, str) and system == ""):
+        out.append({"role": "system", "content": _content(system, "'system'")})
+    for i, turn in enumerate(turns):
+        where = f"turn {i}"
+        if not isinstance(turn, dict):
+            raise _Bad("not-object", f"{where}: must be an object, got {type(turn).__name__}")
+        missing = [k for k in ("from", "value") if k not in turn]
+        if missing:
+            raise _Bad("missing-field", f"{where}: missing {', '.join(repr(k) for k in missing)}")
+        unknown = sorted(set(turn) - SHAREGPT_TURN_KEYS)
+        if unknown:
+            raise _Bad("unknown-field", f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+        role = ROLE_ALIASES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            raise _Bad("unknown-role", f"{where}: unknown role {turn['from']!r} (expected one of {', '.join(ROLE_ALIASES)})")
+        msg = {"role": role, "content": _content(turn["value"], where)}
+        if (flag := _train_flag(turn, where)) is not None:
+            msg["train"] = flag
+        out.append(msg)
+    return out
+
+
+def _messages_from_openai(rec: dict) -> list[dict]:
+    msgs = rec["messages"]
+    if not isinstance(msgs, list):
+        raise _Bad("bad-field", f"'messages' must be a list, got {type(msgs).__name__}")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"message {i}"
+        if not isinstance(m, dict):
+            raise _Bad("not-object", f"{where}: must be an object, got {type(m).__name__}")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise _Bad("missing-field", f"{where}: missing {', '.join(repr(k) for k in missing)}")
+        unknown = sorted(set(m) - OPENAI_MESSAGE_KEYS)
+        if unknown:
+            raise _Bad("unknown-field", f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+        role = m["role"] if m["role"] in ("system", "user", "assistant") else None
+        if role is None:
+            raise _Bad("unknown-role", f"{where}: unknown role {m['role']!r} (expected system, user or assistant)")
+        msg = {"role": role, "content": _content(m["content"], where)}
+        if (flag := _train_flag(m, where)) is not None:
+            msg["train"] = flag
+        out.append(msg)
+    return out
+
+
+def _messages_from_alpaca(rec: dict) -> list[dict]:
+    if "output" not in rec:
+        raise _Bad("missing-field", "Alpaca record is missing 'output'")
+    instruction = _content(rec["instruction"], "'instruction'")
+    extra = rec.get("input", "")
+    if not isinstance(extra, str):
+        raise _Bad("bad-content", f"'input': content must be a string, got {type(extra).__name__}")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    out = []
+    if rec.get("system"):
+        out.append({"role": "system", "content": _content(rec["system"], "'system'")})
+    return out + [{"role": "user", "content": user}, {"role": "assistant", "content": _content(rec["output"], "'output'")}]
+
+
+def _check_order(msgs: list[dict], opts: ValidationOptions, fixes: Counter) -> list[dict]:
+    for i, m in enumerate(msgs):
+        if m["role"] == "system" and i != 0:
+            raise _Bad("system-not-first", f"message {i}: a system message may only come first")
+    start = 1 if msgs and msgs[0]["role"] == "system" else 0
+    body = msgs[start:]
+    if body and body[0]["role"] == "assistant":
+        if not opts.drop_leading_assistant:
+            raise _Bad("leading-assistant", f"message {start}: the first turn is from the assistant "
+                       "(use --drop_leading_assistant to drop such turns, as FastChat does)")
+        while body and body[0]["role"] == "assistant":
+            body = body[1:]
+            fixes["dropped leading assistant turn"] += 1
+    merged: list[dict] = []
+    for j, m in enumerate(body):
+        if merged and merged[-1]["role"] == m["role"]:
+            if not opts.merge_consecutive:
+                raise _Bad("consecutive-roles", f"message {start + j}: two consecutive {m['role']} turns "
+                           "(use --merge_consecutive to join them)")
+            if merged[-1].get("train") != m.get("train"):
+                raise _Bad("consecutive-roles", f"message {start + j}: cannot merge consecutive {m['role']} turns "
+                           "with different 'train' flags")
+            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" + m["content"]}
+            fixes["merged consecutive turns"] += 1
+        else:
+            merged.append(dict(m))
+    if not any(m["role"] == "assistant" for m in merged):
+        raise _Bad("no-assistant", "no assistant reply to learn from")
+    return msgs[:start] + merged
+
+
+def normalize_row(row: Row, opts: ValidationOptions | None = None, fixes: Counter | None = None) -> tuple[dict | None, Problem | None]:
+    """One row → (normalized record, None) or (None, Problem). Pure apart from counting fixes."""
+    opts = opts or ValidationOptions()
+    fixes = fixes if fixes is not None else Counter()
+    if row.error:
+        return None, Problem(row.path, row.loc, None, "malformed-json", row.error)
+    rec = row.value
+    if not isinstance(rec, dict):
+        return None, Problem(row.path, row.loc, None, "not-object", f"record must be a JSON object, got {type(rec).__name__}")
+    rid = rec.get("id")
+    rid = str(rid) if rid is not None else None
+    try:
+        kinds = [k for k in ("conversations", "messages", "instruction") if k in rec]
+        if len(kinds) != 1:
+            found = f"it has {', '.join(map(repr, kinds))}" if kinds else f"keys: {', '.join(map(repr, sorted(rec))) or 'none'}"
+            raise _Bad("missing-field" if not kinds else "unknown-field",
+                       "record must have exactly one of 'conversations' (ShareGPT), 'messages' (OpenAI) or "
+                       f"'instruction' (Alpaca); {found}")
+        convert = {"conversations": _messages_from_sharegpt, "messages": _messages_from_openai,
+                   "instruction": _messages_from_alpaca}[kinds[0]]
+        local = Counter()
+        msgs = _check_order(convert(rec), opts, local)
+    except _Bad as bad:
+        return None, Problem(row.path, row.loc, rid, bad.rule, bad.message)
+    fixes.update(local)
+    return {"id": rid if rid is not None else f"{os.path.basename(row.path)}:{row.loc}", "messages": msgs}, None
+
+
+def load_conversations(paths, on_bad_record: str = "error", opts: ValidationOptions | None = None) -> tuple[list[dict], LoadReport]:
+    """Read + validate + normalize. `error`: raise DataError listing every problem; `skip`: report them."""
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"--on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
+    report = LoadReport()
+    records: list[dict] = []
+    for row in read_rows(paths):
+        report.rows += 1
+        rec, problem = normalize_row(row, opts, report.fixes)
+        if problem:
+            report.skipped.append(problem)
+        else:
+            records.append(rec)
+    report.kept = len(records)
+    if report.skipped and on_bad_record == "error":
+        raise DataError(report.skipped)
+    return records, report
+
+
+def format_report(report: LoadReport) -> str:
+    lines = [f"read {report.rows} record(s): kept {report.kept}, skipped {len(report.skipped)}"]
+    for rule, n in Counter(p.rule for p in report.skipped).most_common():
+        lines.append(f"  skipped {n} × {rule}")
+    for what, n in report.fixes.most_common():
+        lines.append(f"  fixed {n} × {what}")
+    return "\n".join(lines)
+
+
+def write_report(report: LoadReport, path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report.summary(), f, indent=2)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.validate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help=".json/.jsonl/.parquet files, directories or globs")
+    parser.add_argument("--merge_consecutive", action="store_true", help="accept consecutive same-role turns (merged)")
+    parser.add_argument("--drop_leading_assistant", action="store_true", help="accept leading assistant turns (dropped)")
+    args = parser.parse_args(argv)
+    opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant)
+    try:
+        _, report = load_conversations(args.paths, "skip", opts)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for problem in report.skipped:
+        print(problem)
+    print(format_report(report), file=sys.stderr)
+    return 1 if report.skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
