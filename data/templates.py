@@ -196,6 +196,9 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
         raise TemplateError(f"the tokenizer's chat_template failed to render: {e}") from e
 
 
+_PLACEHOLDER = "\u2063CHATTUNE-CONTENT-3f9a\u2063"
+
+
 def _jinja_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) -> list[Piece]:
     """Split a Jinja template's output into pieces by rendering growing prefixes of the conversation.
 
@@ -216,19 +219,15 @@ def _jinja_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) 
                 "changed earlier text, so turns cannot be attributed; use a built-in --template"
             )
         delta = full[len(prev):]
-        header_len = 0
-        if m["role"] == "assistant":
-            gen = _apply(tokenizer, messages[:i], True) if i > 0 else ""
-            if gen.startswith(prev) and full.startswith(gen):
-                header_len = len(gen) - len(prev)
-        content = m["content"]
-        pos = delta.find(content, header_len)
-        if pos < 0 and content.strip():
-            content = content.strip()
-            pos = delta.find(content, header_len)
-        if pos < 0:
+        # Locate the content by rendering a unique placeholder in its place (never by searching the
+        # real text, which may also occur in the header), then check that the real render agrees.
+        probe = _apply(tokenizer, [*messages[:i], {**m, "content": _PLACEHOLDER}], False)
+        at = probe.find(_PLACEHOLDER, len(prev))
+        head = probe[len(prev):at] if probe.startswith(prev) and at >= 0 else None
+        tail = probe[at + len(_PLACEHOLDER):] if head is not None else None
+        content = next((c for c in (m["content"], m["content"].strip()) if head is not None and delta == head + c + tail), None)
+        if content is None:
             raise TemplateError(f"the tokenizer's chat_template altered the content of message {i}; use a built-in --template")
-        head, tail = delta[:pos], delta[pos + len(content):]
         if head:  # the message's header (for message 0 also any default system prompt)
             pieces.append(Piece(head, i, "template"))
         pieces.append(Piece(content, i, "content"))
