@@ -142,12 +142,12 @@ def _build(paths, tokenizer, cfg: DataConfig, num_proc: int, target: Path, verbo
         remove_columns=raw.column_names, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
         keep_in_memory=True, load_from_cache_file=False, desc="tokenizing", new_fingerprint="chattune",
     )
-    dropped = Counter(r for r in tokenized["dropped"] if r)
+    dropped = Counter(r for r in list(tokenized["dropped"]) if r)
     kept = tokenized.filter(lambda d: d == "", input_columns="dropped", keep_in_memory=True).remove_columns("dropped")
-    lengths = kept["length"]
+    lengths = list(kept["length"])
     stats = BuildStats(
-        conversations=len(records), samples=len(kept), tokens=sum(lengths), supervised_tokens=sum(kept["num_supervised"]),
-        truncated=sum(kept["truncated"]), dropped=dict(dropped), lengths=lengths,
+        conversations=len(records), samples=len(kept), tokens=sum(lengths), supervised_tokens=sum(list(kept["num_supervised"])),
+        truncated=sum(list(kept["truncated"])), dropped=dict(dropped), lengths=lengths,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -155,7 +155,7 @@ def _build(paths, tokenizer, cfg: DataConfig, num_proc: int, target: Path, verbo
     write_report(report, tmp / "data_report.json")
     saved = json.loads((tmp / "data_report.json").read_text())
     saved["tokenization_dropped"] = [
-        {"id": rid, "reason": reason} for rid, reason in zip(tokenized["id"], tokenized["dropped"]) if reason
+        {"id": rid, "reason": reason} for rid, reason in zip(list(tokenized["id"]), list(tokenized["dropped"])) if reason
     ]
     (tmp / "data_report.json").write_text(json.dumps(saved, indent=2))
     (tmp / "stats.json").write_text(json.dumps({
