@@ -13,10 +13,11 @@ whitespace of the template can ride along. Labels are *not* shifted here; the co
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from data.templates import HEADER, Piece, render_pieces
 from data.tokenizer import run_encoder
@@ -129,15 +130,27 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
                 continue
             _, ri, spans = item
             run_ids, offsets = encoded_runs[ri]
-            starts = [s for s, _, _ in spans]
-            for tid, (s, e) in zip(run_ids, offsets):
-                # pieces overlapping [s, e); an empty span (e.g. a lone dummy prefix) belongs to the piece at s
-                first = max(bisect.bisect_right(starts, s) - 1, 0)
-                last = max(bisect.bisect_left(starts, e) - 1, first)
-                is_sup = any(sup[spans[k][2]] for k in range(first, last + 1))
-                ids.append(tid)
-                labels.append(tid if is_sup else IGNORE_INDEX)
-                owner.append(pieces[spans[last][2]].msg)
+            if not run_ids:
+                continue
+            run_ids_np = np.asarray(run_ids, dtype=np.int64)
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts = np.fromiter((a for a, _, _ in spans), dtype=np.int64, count=len(spans))
+            lengths = np.fromiter((b - a for a, b, _ in spans), dtype=np.int64, count=len(spans))
+            span_sup = np.fromiter((sup[pi] for _, _, pi in spans), dtype=np.int64, count=len(spans))
+            span_msg = np.fromiter((pieces[pi].msg for _, _, pi in spans), dtype=np.int64, count=len(spans))
+            # A token is supervised when any character it covers belongs to a supervised piece;
+            # an empty span (a lone dummy prefix) takes the supervision of the piece at its position.
+            char_sup = np.concatenate(([0], np.cumsum(np.repeat(span_sup, lengths))))
+            s, e = off[:, 0], off[:, 1]
+            covered = char_sup[e] - char_sup[s] > 0
+            at = np.searchsorted(starts, s, side="right") - 1
+            empty = e <= s
+            tok_sup = np.where(empty, span_sup[np.clip(at, 0, None)] > 0, covered)
+            last_char = np.where(empty, s, e - 1)
+            tok_owner = span_msg[np.clip(np.searchsorted(starts, last_char, side="right") - 1, 0, None)]
+            ids.extend(run_ids)
+            labels.extend(np.where(tok_sup, run_ids_np, IGNORE_INDEX).tolist())
+            owner.extend(tok_owner.tolist())
         ids.extend(enc.suffix_ids)
         labels.extend([IGNORE_INDEX] * len(enc.suffix_ids))
         owner.extend([HEADER] * len(enc.suffix_ids))
