@@ -80,77 +80,88 @@ def _piece_supervised(piece: Piece, chosen: set[int], mask: Mask) -> bool:
 
 
 def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, mask: Mask) -> list[Encoded]:
-    """Tokenize many rendered conversations with two batched backend calls."""
+    """Tokenize many rendered conversations with two batched backend calls and one vectorized pass.
+
+    Every text run of the batch is laid out in one global character space; each text piece is a span
+    of it with a supervision flag and an owning message. A token is supervised when any character it
+    covers belongs to a supervised span (an empty span, e.g. a lone dummy prefix, takes the flag of the
+    span at its position); it is owned by the message of its last character.
+    """
     enc = run_encoder(tokenizer)
-    # Per conversation: a list of items, each ("run", run_index, [(start, end, piece_idx)]) or ("special", id, piece_idx)
-    layouts: list[list[tuple]] = []
+    layouts: list[list[tuple]] = []  # per conversation: ("run", run_index) | ("special", id, supervised, msg)
     runs: list[tuple[str, bool]] = []
-    for pieces, _ in batch:
+    span_start: list[int] = []
+    span_len: list[int] = []
+    span_sup: list[bool] = []
+    span_msg: list[int] = []
+    base = 0
+    for pieces, chosen in batch:
         items: list[tuple] = []
         buf: list[str] = []
-        spans: list[tuple[int, int, int]] = []
-        pos = 0
         at_start = True
-
-        def flush():
-            nonlocal buf, spans, pos, at_start
-            if buf:
-                items.append(("run", len(runs), spans))
-                runs.append(("".join(buf), at_start))
-                at_start = False
-            buf, spans, pos = [], [], 0
-
-        for pi, piece in enumerate(pieces):
+        for piece in pieces:
+            sup = _piece_supervised(piece, chosen, mask)
             parts = [(piece.text, None)] if piece.kind == "content" else enc.split_specials(piece.text)
             for text, special_id in parts:
                 if special_id is None:
+                    span_start.append(base)
+                    span_len.append(len(text))
+                    span_sup.append(sup)
+                    span_msg.append(piece.msg)
                     buf.append(text)
-                    spans.append((pos, pos + len(text), pi))
-                    pos += len(text)
-                else:
-                    flush()
-                    items.append(("special", special_id, pi))
-                    at_start = False
-        flush()
+                    base += len(text)
+                    continue
+                if buf:
+                    items.append(("run", len(runs)))
+                    runs.append(("".join(buf), at_start))
+                    buf = []
+                items.append(("special", special_id, sup, piece.msg))
+                at_start = False
+        if buf:
+            items.append(("run", len(runs)))
+            runs.append(("".join(buf), at_start))
         layouts.append(items)
+    run_base = np.concatenate(([0], np.cumsum([len(t) for t, _ in runs], dtype=np.int64)))[:-1].tolist()
 
     encoded_runs = enc.encode_runs(runs)
+    counts = np.fromiter((len(ids) for ids, _ in encoded_runs), dtype=np.int64, count=len(runs))
+    tok_start = np.concatenate(([0], np.cumsum(counts)))
+    flat_ids = [t for ids, _ in encoded_runs for t in ids]
+    if flat_ids:
+        off = np.fromiter((x for _, offs in encoded_runs for pair in offs for x in pair), dtype=np.int64,
+                          count=2 * len(flat_ids)).reshape(-1, 2)
+        bases = np.repeat(np.asarray(run_base, dtype=np.int64), counts)
+        ends_of_run = np.repeat(np.asarray([b + len(t) for b, (t, _) in zip(run_base, runs)], dtype=np.int64), counts)
+        s, e = off[:, 0] + bases, off[:, 1] + bases
+        starts = np.asarray(span_start, dtype=np.int64)
+        sup_arr = np.asarray(span_sup, dtype=np.int64)
+        msg_arr = np.asarray(span_msg, dtype=np.int64)
+        char_sup = np.concatenate(([0], np.cumsum(np.repeat(sup_arr, np.asarray(span_len, dtype=np.int64)))))
+        empty = e <= s
+        pos = np.where(empty, np.minimum(s, ends_of_run - 1), e - 1)
+        span_of = np.clip(np.searchsorted(starts, pos, side="right") - 1, 0, None)
+        tok_sup = np.where(empty, sup_arr[span_of] > 0, char_sup[e] - char_sup[s] > 0)
+        flat_labels = np.where(tok_sup, np.asarray(flat_ids, dtype=np.int64), IGNORE_INDEX).tolist()
+        flat_owner = msg_arr[span_of].tolist()
+    else:
+        flat_labels, flat_owner = [], []
+
     out: list[Encoded] = []
-    for (pieces, chosen), items in zip(batch, layouts):
-        sup = [_piece_supervised(p, chosen, mask) for p in pieces]
+    for items in layouts:
         ids: list[int] = list(enc.prefix_ids)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         owner: list[int] = [HEADER] * len(ids)
         for item in items:
             if item[0] == "special":
-                _, tid, pi = item
+                _, tid, sup, msg = item
                 ids.append(tid)
-                labels.append(tid if sup[pi] else IGNORE_INDEX)
-                owner.append(pieces[pi].msg)
-                continue
-            _, ri, spans = item
-            run_ids, offsets = encoded_runs[ri]
-            if not run_ids:
-                continue
-            run_ids_np = np.asarray(run_ids, dtype=np.int64)
-            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            starts = np.fromiter((a for a, _, _ in spans), dtype=np.int64, count=len(spans))
-            lengths = np.fromiter((b - a for a, b, _ in spans), dtype=np.int64, count=len(spans))
-            span_sup = np.fromiter((sup[pi] for _, _, pi in spans), dtype=np.int64, count=len(spans))
-            span_msg = np.fromiter((pieces[pi].msg for _, _, pi in spans), dtype=np.int64, count=len(spans))
-            # A token is supervised when any character it covers belongs to a supervised piece;
-            # an empty span (a lone dummy prefix) takes the supervision of the piece at its position.
-            char_sup = np.concatenate(([0], np.cumsum(np.repeat(span_sup, lengths))))
-            s, e = off[:, 0], off[:, 1]
-            covered = char_sup[e] - char_sup[s] > 0
-            at = np.searchsorted(starts, s, side="right") - 1
-            empty = e <= s
-            tok_sup = np.where(empty, span_sup[np.clip(at, 0, None)] > 0, covered)
-            last_char = np.where(empty, s, e - 1)
-            tok_owner = span_msg[np.clip(np.searchsorted(starts, last_char, side="right") - 1, 0, None)]
-            ids.extend(run_ids)
-            labels.extend(np.where(tok_sup, run_ids_np, IGNORE_INDEX).tolist())
-            owner.extend(tok_owner.tolist())
+                labels.append(tid if sup else IGNORE_INDEX)
+                owner.append(msg)
+            else:
+                a, b = tok_start[item[1]], tok_start[item[1] + 1]
+                ids.extend(flat_ids[a:b])
+                labels.extend(flat_labels[a:b])
+                owner.extend(flat_owner[a:b])
         ids.extend(enc.suffix_ids)
         labels.extend([IGNORE_INDEX] * len(enc.suffix_ids))
         owner.extend([HEADER] * len(enc.suffix_ids))
