@@ -21,7 +21,14 @@ from data.assets import cache_dir
 from data.formats import expand_paths
 from data.tokenize import IGNORE_INDEX, tokenize_batch
 from data.tokenizer import run_encoder, tokenizer_fingerprint
-from data.validate import LoadReport, Problem, ValidationOptions, format_report, load_conversations, write_report
+from data.validate import (
+    LoadReport,
+    Problem,
+    ValidationOptions,
+    format_report,
+    load_conversations,
+    write_report,
+)
 
 PIPELINE_VERSION = "1"  # bump when tokenization output changes for the same inputs
 
@@ -75,7 +82,7 @@ def _tokenize_rows(batch: dict, tokenizer, cfg: DataConfig) -> dict:
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
-        out["num_supervised"].append(sum(1 for x in labels if x != IGNORE_INDEX))
+        out["num_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
         out["truncated"].append(truncated)
         out["dropped"].append(dropped)
 

@@ -15,8 +15,8 @@ from collections import Counter
 from rich.console import Console
 from rich.text import Text
 
-from data.tokenize import IGNORE_INDEX, MASKS, OVERFLOW_POLICIES, tokenize_batch
 from data.templates import TEMPLATE_NAMES
+from data.tokenize import IGNORE_INDEX, MASKS, OVERFLOW_POLICIES, tokenize_batch
 from data.tokenizer import load_tokenizer
 from data.validate import DataError, ValidationOptions, format_report, load_conversations
 
