@@ -257,3 +257,72 @@ def _end_of_last_special(text: str, special: set[str]) -> int:
             if pos >= 0:
                 end = max(end, pos + len(tok))
     return end
+
+
+# --- the same templates as Jinja, for exported tokenizers (`chat_template`) and serving -------------
+# Single-line sources with `-` whitespace control everywhere, so HF's trim_blocks/lstrip_blocks
+# settings cannot change them. tests/data/test_templates_tokenize.py proves each renders exactly what
+# render_text renders, with and without a generation prompt.
+
+
+def _jinja_system(default: str | None, pre: str = "", post: str = "", empty: str = "") -> str:
+    """Emit the system block and set `loop_messages` to the rest of the conversation."""
+    with_sys = "{{ " + repr(pre) + " + messages[0]['content'] + " + repr(post) + " }}"
+    without = "{{ " + repr(default if default is not None else empty) + " }}"
+    return (
+        "{%- if messages[0]['role'] == 'system' -%}" + with_sys + "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}" + without + "{%- set loop_messages = messages -%}{%- endif -%}"
+    )
+
+
+def _jinja_colon_two(roles: tuple[str, str], sep: str, sep2: str, default_system: str) -> str:
+    return (
+        _jinja_system(default_system) + "{{ " + repr(sep) + " }}"
+        "{%- for m in loop_messages -%}{%- if m['role'] == 'user' -%}"
+        "{{ " + repr(roles[0] + ": ") + " + m['content'] + " + repr(sep) + " }}"
+        "{%- else -%}{{ " + repr(roles[1] + ": ") + " + m['content'] + " + repr(sep2) + " }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + repr(roles[1] + ":") + " }}{%- endif -%}"
+    )
+
+
+def _jinja_llama2_style(pre: str, post: str, sep2_eot: str, sep2_next: str) -> str:
+    return (
+        _jinja_system(None, pre, post, "[INST] ")
+        + "{%- for m in loop_messages -%}{%- if m['role'] == 'user' -%}"
+        "{%- if not loop.first -%}{{ " + repr(sep2_next + "[INST] ") + " }}{%- endif -%}{{ m['content'] + ' ' }}"
+        "{%- else -%}{{ '[/INST] ' + m['content'] + " + repr(sep2_eot) + " }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '[/INST]' }}{%- endif -%}"
+    )
+
+
+JINJA_TEMPLATES: dict[str, str] = {
+    "vicuna_v1.1": _jinja_colon_two(("USER", "ASSISTANT"), " ", "</s>", VICUNA_SYSTEM),
+    "alpaca": _jinja_colon_two(("### Instruction", "### Response"), "\n\n", "</s>", ALPACA_SYSTEM),
+    "llama-2": _jinja_llama2_style("[INST] <<SYS>>\n", "\n<</SYS>>\n\n", " </s>", "<s>"),
+    "mistral": _jinja_llama2_style("[INST] ", "\n", "</s>", ""),
+    "zephyr": (
+        "{{ '<|system|>\\n' }}" + _jinja_system(None, "", "", "") + "{{ '</s>\\n' }}"
+        "{%- for m in loop_messages -%}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '</s>\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+    ),
+    "chatml": (
+        "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+    "llama-3": (
+        "{{ '<|begin_of_text|>' }}{%- for m in messages -%}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+    ),
+}
+
+
+def jinja_chat_template(template: str, tokenizer=None) -> str:
+    """The Jinja `chat_template` equivalent of a template name (the tokenizer's own for 'tokenizer')."""
+    if template == "tokenizer":
+        if tokenizer is None or not tokenizer.chat_template:
+            raise TemplateError("template 'tokenizer' needs a tokenizer with a chat_template")
+        return tokenizer.chat_template
+    if template not in JINJA_TEMPLATES:
+        raise TemplateError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    return JINJA_TEMPLATES[template]

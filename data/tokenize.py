@@ -147,8 +147,9 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
         flat_labels, flat_owner = [], []
 
     out: list[Encoded] = []
-    for items in layouts:
-        ids: list[int] = list(enc.prefix_ids)
+    for (pieces, _), items in zip(batch, layouts):
+        starts_with_prefix = bool(enc.prefix_text) and "".join(p.text for p in pieces[:4]).startswith(enc.prefix_text)
+        ids: list[int] = [] if starts_with_prefix else list(enc.prefix_ids)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         owner: list[int] = [HEADER] * len(ids)
         for item in items:

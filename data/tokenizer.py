@@ -118,6 +118,9 @@ class RunEncoder:
             raise TokenizerError("cannot tell which special tokens the tokenizer adds around text")
         self.prefix_ids: list[int] = with_special[:start]
         self.suffix_ids: list[int] = with_special[start + len(plain):]
+        # A prompt whose text already starts with these tokens (Llama-3's `<|begin_of_text|>`, a Jinja
+        # template's `{{ bos_token }}`) must not get them twice.
+        self.prefix_text = "".join(tokenizer.convert_ids_to_tokens(self.prefix_ids))
         self._prove(tokenizer)
 
     def split_specials(self, text: str) -> list[tuple[str, int | None]]:

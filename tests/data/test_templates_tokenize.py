@@ -8,7 +8,7 @@ import zlib
 import pytest
 from helpers import random_conversation, supervised_spans
 
-from data.templates import END_OF_TURN, render_pieces, render_text
+from data.templates import END_OF_TURN, JINJA_TEMPLATES, jinja_chat_template, render_pieces, render_text
 from data.tokenize import tokenize_conversation
 
 # (template, tokenizer asset) pairs required by the issue: Llama-2 SPM for the FastChat templates,
@@ -136,3 +136,39 @@ def test_pieces_are_owned_by_construction():
     content = [(p.msg, p.text) for p in pieces if p.kind == "content"]
     assert content == [(0, "ASSISTANT: hi"), (1, "USER: ok")]
     assert [(p.msg, p.text) for p in pieces if p.kind == "eot"] == [(1, "</s>")]
+
+
+JINJA_TOKENIZER = {"vicuna_v1.1": "llama-spm", "alpaca": "llama-spm", "llama-2": "llama-spm", "mistral": "llama-spm",
+                   "zephyr": "llama-spm", "chatml": "smollm2", "llama-3": "llama-bpe"}
+
+
+@pytest.mark.parametrize("template", list(JINJA_TEMPLATES))
+def test_jinja_chat_template_renders_the_same_prompt_and_labels(template, tokenizers):
+    tok = tokenizers[JINJA_TOKENIZER[template]]
+    saved = tok.chat_template
+    try:
+        tok.chat_template = jinja_chat_template(template)
+        rng = random.Random(5)
+        for k in range(20):
+            msgs = random_conversation(rng, system=k % 2 == 0)
+            plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+            assert tok.apply_chat_template(plain, tokenize=False) == render_text(msgs, template)
+            assert tok.apply_chat_template(plain[:-1], tokenize=False, add_generation_prompt=True) == \
+                render_text(msgs[:-1], template, add_generation_prompt=True)
+            # an exported tokenizer used with --template tokenizer trains exactly like the built-in
+            assert tokenize_conversation(msgs, tok, "tokenizer") == tokenize_conversation(msgs, tok, template)
+    finally:
+        tok.chat_template = saved
+
+
+def test_bos_is_never_doubled(tokenizers):
+    tok = tokenizers["llama-spm"]
+    saved = tok.chat_template
+    try:
+        tok.chat_template = "{{ bos_token }}" + jinja_chat_template("mistral")
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+        ids = tokenize_conversation(msgs, tok, "tokenizer")["input_ids"]
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        assert ids == tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    finally:
+        tok.chat_template = saved
