@@ -111,6 +111,7 @@ class RunEncoder:
             self.cont = self.first
         pattern = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
         self._special_re = re.compile(pattern) if pattern else None
+        self._split_cache: dict[str, list[tuple[str, int | None]]] = {}
         with_special = tokenizer("x", add_special_tokens=True).input_ids
         plain = tokenizer("x", add_special_tokens=False).input_ids
         start = _find_sublist(with_special, plain)
@@ -125,6 +126,14 @@ class RunEncoder:
 
     def split_specials(self, text: str) -> list[tuple[str, int | None]]:
         """Split template text at added-token strings: [(text, None) | (token, id)] in order."""
+        cached = self._split_cache.get(text)
+        if cached is None:
+            cached = self._split_cache[text] = self._split_specials(text)
+            if len(self._split_cache) > 65536:  # template texts repeat; content never comes here
+                self._split_cache.clear()
+        return cached
+
+    def _split_specials(self, text: str) -> list[tuple[str, int | None]]:
         if self._special_re is None:
             return [(text, None)]
         out: list[tuple[str, int | None]] = []
