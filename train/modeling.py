@@ -1,46 +1,91 @@
-"""Loading causal LMs from an HF dir, a hub id, a `.gguf` file or `asset:NAME` (DESIGN.md §2, §5).
+"""Loading causal LMs (HF dir, hub id, `.gguf`, `asset:NAME`) and preparing them for training.
 
-A GGUF checkpoint is dequantized to float on load. transformers marks such a model as quantized
-(`hf_quantizer`, `config.quantization_config`), which blocks saving and training, so the marker is
-cleared: after loading, the model is an ordinary float model.
+A GGUF checkpoint is dequantized to float once and cached as an HF safetensors directory keyed by
+the file's size and mtime, so later loads are fast and every loading option (quantization for QLoRA,
+attention implementation, dtype) works on it like on any HF model. transformers marks a GGUF-loaded
+model as quantized (`hf_quantizer`, `config.quantization_config`), which blocks saving and training;
+the marker is cleared before the cache is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
-from data.assets import resolve_source
+from data.assets import cache_dir, resolve_source
 
 
 class ModelLoadError(ValueError):
     pass
 
 
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def materialize_gguf(path: str | os.PathLike) -> Path:
+    """HF directory holding the dequantized weights of a `.gguf` model (built once, then cached)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(source: str | os.PathLike) -> str:
+    """An HF dir or hub id for any accepted model source (GGUF files are materialized)."""
+    source = resolve_source(source)
+    if source.endswith(".gguf"):
+        return str(materialize_gguf(source))
+    if os.path.isfile(source):
+        raise ModelLoadError(f"model source {source} is a file but not a .gguf; pass a directory or hub id")
+    return source
+
+
 def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                    **kwargs):
     from transformers import AutoModelForCausalLM
 
-    source = resolve_source(source)
-    if source.endswith(".gguf"):
-        if not os.path.isfile(source):
-            raise ModelLoadError(f"model file {source} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(os.path.abspath(source)), gguf_file=os.path.basename(source), dtype=dtype, **kwargs)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        for attr in ("is_quantized", "quantization_method"):
-            if hasattr(model, attr):
-                try:
-                    delattr(model, attr)
-                except AttributeError:
-                    pass
-        return model
-    if os.path.isfile(source):
-        raise ModelLoadError(f"model source {source} is a file but not a .gguf; pass a directory or hub id")
+    model_dir = resolve_model_dir(source)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise ModelLoadError(f"cannot load a model from {source!r}: {e}") from e
+
+
+def disable_avx512bf16_repack(model) -> int:
+    """Work around bitsandbytes' CPU AVX512-BF16 path (DESIGN.md §4): a 4-bit forward in eval mode
+    repacks weights and later backward silently gives no LoRA gradients for earlier layers."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False) is not False:
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

@@ -1,0 +1,82 @@
+"""Backends: how a model is wrapped, how gradients are synchronized, and how weights are gathered.
+
+The recipe only talks to this interface, so FSDP2 and DeepSpeed plug in as further subclasses:
+  prepare(model, optimizer) → wrapped model   | sync_context(last_micro) → context for one micro-batch
+  backward(loss)                              | clip_and_norm(max_norm) → total grad norm (float)
+  step(optimizer)                             | unwrap(model) → the HF/peft model
+  loss_scale                                  | full_state_dict(model) → CPU state dict on rank 0
+`loss_scale` undoes the averaging a backend applies to gradients: our loss is already divided by the
+supervised-token count of the whole step on all ranks (DESIGN.md §3), so DDP's mean over ranks must
+be multiplied back by the world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from train.distributed import DistInfo
+
+
+class Backend:
+    name = "single"
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0
+
+    def prepare(self, model):
+        return model
+
+    def unwrap(self, model):
+        return model
+
+    def sync_context(self, model, last_micro: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_and_norm(self, model, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor] | None:
+        """Full model state on CPU (rank 0 only; other ranks get None)."""
+        if not self.info.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.info.world_size)
+
+    def prepare(self, model):
+        ids = [self.info.local_rank] if self.info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+    def unwrap(self, model):
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def sync_context(self, model, last_micro: bool):
+        # gradients are all-reduced once per optimizer step, on the last micro-batch
+        return contextlib.nullcontext() if last_micro else model.no_sync()
+
+
+def make_backend(info: DistInfo) -> Backend:
+    return DDPBackend(info) if info.distributed else Backend(info)

@@ -1,0 +1,67 @@
+"""Final export (DESIGN.md §2): HF safetensors (full) or a PEFT adapter, the tokenizer whose
+`chat_template` is the training template, and `chattune.json` describing the run."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from data.templates import jinja_chat_template
+from train.config import TrainConfig, to_dict
+
+FORMAT_VERSION = 1
+
+
+def export_model(model, state_dict: dict | None, tokenizer, cfg: TrainConfig, mode: str, is_main: bool,
+                 extra: dict | None = None) -> Path | None:
+    """Write the final model. `model` is the unwrapped HF/peft model; `state_dict` the gathered full
+    state on rank 0 (full fine-tune). Only rank 0 writes."""
+    if not is_main:
+        return None
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if mode == "full":
+        dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+        model.config.dtype = dtype
+        model.save_pretrained(out, state_dict=cast, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)  # adapter only
+    saved_template = tokenizer.chat_template
+    try:  # the exported tokenizer carries the template the model was trained with
+        tokenizer.chat_template = jinja_chat_template(cfg.template, tokenizer)
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = saved_template
+    (out / "chattune.json").write_text(json.dumps(run_record(cfg, mode, extra), indent=2) + "\n")
+    return out
+
+
+def run_record(cfg: TrainConfig, mode: str, extra: dict | None = None) -> dict:
+    import peft
+    import transformers
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "template": cfg.template,
+        "base_model": cfg.model_name_or_path,
+        "mode": mode,
+        "max_length": cfg.model_max_length,
+        "mask": cfg.mask,
+        "flags": to_dict(cfg),
+        "versions": {"chattune": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+        **(extra or {}),
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chattune")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,72 @@
+"""Model preparation for a run: dtype, attention implementation, gradient checkpointing, LoRA/QLoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from train.config import TrainConfig
+from train.distributed import DistInfo, print0
+from train.modeling import disable_avx512bf16_repack, flash_attn_available, load_causal_lm, resolve_model_dir
+
+
+def attention_implementation(cfg: TrainConfig) -> str:
+    if cfg.flash_attn:
+        if flash_attn_available():
+            return "flash_attention_2"
+        print0("[model] flash-attn is not available (needs the `gpu` extra and CUDA); using PyTorch SDPA attention")
+    return "sdpa"
+
+
+def build_model(cfg: TrainConfig, info: DistInfo):
+    """The model to train, on its device: full (fp32 master weights), LoRA or QLoRA (peft)."""
+    model_dir = resolve_model_dir(cfg.model_name_or_path)
+    kwargs: dict = {"attn_implementation": attention_implementation(cfg)}
+    dtype = torch.float32
+    if cfg.q_lora:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if cfg.bf16 else torch.float32
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+            if cfg.bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        kwargs["device_map"] = {"": info.device}
+        dtype = compute
+    elif cfg.lora and cfg.bf16:
+        dtype = torch.bfloat16  # the frozen base can live in bf16; adapters are made fp32 below
+    model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    model.config.use_cache = False
+    if not cfg.q_lora:
+        model.to(info.device)
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.is_peft:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.q_lora:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            if info.device.type == "cpu":
+                disable_avx512bf16_repack(model)
+        elif cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
+            target_modules=cfg.lora_target_modules or "all-linear", use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # adapters train in fp32 even on a bf16 base
+        model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    print0(f"[model] {type(model).__name__} from {cfg.model_name_or_path}: {n_train:,} trainable / {n_all:,} parameters, "
+           f"attention={kwargs['attn_implementation']}")
+    return model
+
+
+def trainable_named_parameters(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

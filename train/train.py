@@ -1,0 +1,142 @@
+"""chattune training recipe. Reads top to bottom:
+args → distributed init → tokenizer/model → data → optimizer/schedule → train → export.
+
+    torchrun --nproc_per_node=N train/train.py --model_name_or_path M --data_path D --output_dir OUT ...
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script (torchrun train/train.py): import from the repo root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from data.dataset import DataConfig, build_dataset  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
+from data.validate import DataError, ValidationOptions  # noqa: E402
+from train.backends import make_backend  # noqa: E402
+from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
+from train.collate import collate_packed, collate_padded  # noqa: E402
+from train.config import ACCEPTED_NO_OP, ConfigError, TrainConfig, parse_args  # noqa: E402
+from train.distributed import cleanup, init_distributed, print0  # noqa: E402
+from train.export import export_model  # noqa: E402
+from train.loop import (  # noqa: E402
+    LoopState,
+    NonFiniteError,
+    TrainingInterrupted,
+    evaluate,
+    install_signal_handlers,
+    train_loop,
+)
+from train.model_setup import build_model  # noqa: E402
+from train.optim import make_optimizer, make_scheduler  # noqa: E402
+from train.sampler import MicroBatchStream, PlanConfig  # noqa: E402
+from train.tracking import Tracker  # noqa: E402
+
+
+def run(cfg: TrainConfig) -> int:
+    info = init_distributed()
+    try:
+        torch.manual_seed(cfg.seed)
+        if cfg.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        for flag, why in ACCEPTED_NO_OP.items():
+            if getattr(cfg, flag, False) and flag != "tf32":
+                print0(f"[config] --{flag}: {why}")
+
+        # tokenizer and data first: a bad dataset fails before a model is loaded
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        data_cfg = DataConfig(cfg.template, cfg.model_max_length, cfg.mask, cfg.truncation, cfg.on_bad_record,
+                              ValidationOptions(cfg.merge_consecutive, cfg.drop_leading_assistant))
+        train_ds, train_stats, _ = build_dataset(cfg.data_path, tokenizer, data_cfg, cfg.preprocessing_num_workers,
+                                                 report_dir=cfg.output_dir)
+        if len(train_ds) == 0:
+            raise ValueError(f"--data_path {cfg.data_path}: no trainable samples left (see data_report.json)")
+        samples = train_ds.select_columns(["input_ids", "labels"]).to_list()
+        eval_samples = None
+        if cfg.eval_data_path:
+            eval_cfg = DataConfig(**{**data_cfg.__dict__, "overflow": "truncate"})
+            eval_ds, _, _ = build_dataset(cfg.eval_data_path, tokenizer, eval_cfg, cfg.preprocessing_num_workers)
+            eval_samples = eval_ds.select_columns(["input_ids", "labels"]).to_list()
+
+        model = build_model(cfg, info)
+        mode = "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full"
+        varlen = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+        mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        if cfg.packing:
+            def collate(units):
+                return collate_packed([[s for s in unit] for unit in units], pad_id, mask_dtype, varlen)
+        else:
+            def collate(units):
+                return collate_padded([s for unit in units for s in unit], pad_id)
+
+        plan = PlanConfig(cfg.per_device_train_batch_size, info.world_size, info.rank, cfg.seed, cfg.packing,
+                          cfg.model_max_length, cfg.group_by_length)
+        stream = MicroBatchStream([len(s["input_ids"]) for s in samples], plan)
+        per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
+
+        backend = make_backend(info)
+        optimizer = make_optimizer(cfg, model)
+        scheduler = make_scheduler(cfg, optimizer, total_steps)
+        state = LoopState()
+        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        if resume is not None:
+            state = LoopState.from_dict(load_checkpoint(resume, model, optimizer, scheduler, info, cfg.is_peft))
+            state.last_checkpoint = str(resume)
+            print0(f"[train] resumed from {resume} at step {state.step}")
+        wrapped = backend.prepare(model)
+        print0(f"[train] {mode} fine-tune on {info.world_size} process(es), backend={backend.name}: {len(samples)} samples, "
+               f"{per_epoch} steps/epoch, {total_steps} steps, global batch "
+               f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * info.world_size}"
+               f"{' packed rows' if cfg.packing else ''}")
+
+        def save(st: LoopState) -> str:
+            return str(save_checkpoint(cfg.output_dir, st.step, backend.unwrap(wrapped), optimizer, scheduler,
+                                       st.as_dict(), info, cfg.is_peft, cfg.save_total_limit))
+
+        eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info)) if eval_samples else None
+        tracker = Tracker(cfg, info.is_main, total_steps, state.step)
+        install_signal_handlers()
+        try:
+            state = train_loop(cfg=cfg, info=info, backend=backend, model=wrapped, optimizer=optimizer,
+                               scheduler=scheduler, stream=stream, samples=samples, collate=collate,
+                               total_steps=total_steps, state=state, tracker=tracker, save=save, eval_fn=eval_fn)
+            if eval_fn is not None and cfg.evaluation_strategy != "no":
+                tracker.log(state.step, eval_fn())
+        finally:
+            tracker.close()
+        if cfg.save_strategy != "no" and not (state.last_checkpoint or "").endswith(f"checkpoint-{state.step}"):
+            save(state)
+        full_state = backend.full_state_dict(wrapped) if mode == "full" else None
+        out = export_model(backend.unwrap(wrapped), full_state, tokenizer, cfg, mode, info.is_main,
+                           {"train_stats": train_stats.summary(), "steps": state.step})
+        print0(f"[train] done: {state.step} steps; model written to {out}")
+        return 0
+    finally:
+        cleanup()
+
+
+def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
+    try:
+        cfg = parse_args(argv, defaults)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg)
+    except TrainingInterrupted as e:
+        print0(f"[train] {e}")
+        return 128 + e.signum
+    except (NonFiniteError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
