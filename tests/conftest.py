@@ -19,3 +19,10 @@ def _assets():
 @pytest.fixture(scope="session")
 def tokenizers() -> dict:
     return {name: load_tokenizer(f"asset:{name}") for name in TOKENIZER_ASSETS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizers) -> str:
+    from helpers import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizers["smollm2"])

@@ -1,0 +1,157 @@
+"""End to end through the real entry points (python and torchrun with gloo) on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "data" / "demo" / "chattune_demo.jsonl")
+ENV = {**os.environ, "CHATTUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+_port = [29610]
+
+
+def train_cmd(script: str, nproc: int | None) -> list[str]:
+    if nproc:
+        _port[0] += 1
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port[0]}",
+                str(ROOT / "train" / script)]
+    return [sys.executable, str(ROOT / "train" / script)]
+
+
+def common(model: str, out: Path, **over) -> list[str]:
+    args = {"model_name_or_path": model, "data_path": DEMO, "output_dir": str(out), "template": "chatml",
+            "model_max_length": 96, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 3, "seed": 3,
+            "lr_scheduler_type": "linear", "warmup_ratio": 0.0, **over}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run(script: str, args: list[str], nproc: int | None = None, check: bool = True, timeout: int = 600):
+    proc = subprocess.run(train_cmd(script, nproc) + args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equals_single_process(tiny_llama, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run("train.py", common(tiny_llama, single, max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2))
+    run("train_mem.py", common(tiny_llama, ddp, max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2), nproc=2)
+    a, b = losses(single), losses(ddp)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    wa, wb = load_file(str(single / "checkpoint-5" / "model.safetensors")), load_file(str(ddp / "checkpoint-5" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_continues_with_identical_losses(tiny_llama, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run("train.py", common(tiny_llama, straight, max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                           packing=True))
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(straight / "checkpoint-3", resumed / ".tmp-checkpoint-6")  # a partial save is never resumed
+    (resumed / ".tmp-checkpoint-6" / "model.safetensors").write_bytes(b"garbage")
+    run("train.py", common(tiny_llama, resumed, max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                           packing=True, resume_from_checkpoint=True))
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bit-identical on CPU
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_finishes(tiny_llama, tmp_path):
+    out = tmp_path / "sig"
+    args = common(tiny_llama, out, max_steps=400, per_device_train_batch_size=2, save_strategy="no")
+    proc = subprocess.Popen(train_cmd("train.py", None) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
+    assert "received SIGTERM" in stdout and "--resume_from_checkpoint True" in stdout
+    (ckpt,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    done = int(ckpt.name.split("-")[1])
+    assert done == max(losses(out))  # the step in progress finished, and that is what was saved
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == done
+    run("train.py", common(tiny_llama, out, max_steps=done + 2, per_device_train_batch_size=2, save_strategy="no",
+                           resume_from_checkpoint=True))
+    assert max(losses(out)) == done + 2 and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_finetune_export_reloads_and_learns(tiny_llama, tmp_path):
+    out = tmp_path / "full"
+    run("train_mem.py", common(tiny_llama, out, max_steps=12, per_device_train_batch_size=4, bf16=True,
+                               eval_data_path=DEMO, evaluation_strategy="steps", eval_steps=6, gradient_checkpointing=True),
+        nproc=2)
+    ls = losses(out)
+    assert ls[12] < ls[1] - 0.5
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(out)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    record = json.loads((out / "chattune.json").read_text())
+    assert record["template"] == "chatml" and record["mode"] == "full" and record["flags"]["bf16"] is True
+    assert json.loads((out / "data_report.json").read_text())["kept"] == 257
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"q_lora": True}], ids=["lora", "qlora"])
+def test_lora_and_qlora_with_torchrun(tiny_llama, tmp_path, extra):
+    out = tmp_path / "adapter"
+    run("train_lora.py", common(tiny_llama, out, max_steps=10, per_device_train_batch_size=4, lora_r=8, lora_alpha=16,
+                                learning_rate=3e-3, **extra), nproc=2)
+    ls = losses(out)
+    assert ls[10] < ls[1]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_llama
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # B starts at zero: it trained
+    assert json.loads((out / "chattune.json").read_text())["mode"] == ("qlora" if extra else "lora")
+    del model
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_before_the_update(tiny_llama, tmp_path):
+    out = tmp_path / "nan"
+    proc = run("train.py", common(tiny_llama, out, max_steps=6, per_device_train_batch_size=2, optim="sgd",
+                                  learning_rate=1e12, max_grad_norm=0, save_steps=1), check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "non-finite" in proc.stderr and "stopped before the optimizer update" in proc.stderr
+    ckpts = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert ckpts and f"Last checkpoint: {out / ckpts[-1]}" in proc.stderr
