@@ -26,8 +26,11 @@ def export_model(model, state_dict: dict | None, tokenizer, cfg: TrainConfig, mo
     if mode == "full":
         dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
         cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
-        model.config.dtype = dtype
         model.save_pretrained(out, state_dict=cast, safe_serialization=True)
+        # save_pretrained records the in-memory (fp32 master) dtype; record what the file holds
+        config = json.loads((out / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:
         model.save_pretrained(out, safe_serialization=True)  # adapter only
     saved_template = tokenizer.chat_template

@@ -116,7 +116,8 @@ def test_full_finetune_export_reloads_and_learns(tiny_llama, tmp_path):
     assert len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out)
+    assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert model.dtype == torch.bfloat16
     tok = AutoTokenizer.from_pretrained(out)
     msgs = [{"role": "user", "content": "hi"}]
