@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.chattune-installed
 DEMO_DATA := data/demo/chattune_demo.jsonl
 
-.PHONY: install assets test test-fast demo lint bench-preprocess clean-cache
+.PHONY: install assets test test-fast demo lint bench-preprocess bench-train clean-cache
 
 # torch is pinned first so pip takes the local CPU wheel instead of a multi-GB CUDA build;
 # DeepSpeed builds no ops at install time (they JIT-compile on first use); FastChat is installed
@@ -31,13 +31,17 @@ test-fast: assets
 
 demo: assets
 	$(PY) -m data.validate $(DEMO_DATA)
-	$(PY) -m data.inspect --data $(DEMO_DATA) --tokenizer asset:smollm2 --template chatml --index 0 --count 2
+	$(PY) -m data.inspect --data $(DEMO_DATA) --tokenizer asset:smollm2 --template chatml --index 0 --count 1
+	$(PY) scripts/demo.py --output_dir outputs/demo
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 bench-preprocess: assets
 	$(PY) scripts/bench_preprocess.py
+
+bench-train: assets
+	$(PY) scripts/bench_train.py
 
 clean-cache:
 	rm -rf $${CHATTUNE_CACHE:-$$HOME/.cache/chattune}/datasets
