@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-
 DEMO = ROOT / "data" / "demo"
 
 

@@ -156,3 +156,22 @@ def test_nonfinite_loss_stops_before_the_update(tiny_llama, tmp_path):
     assert "non-finite" in proc.stderr and "stopped before the optimizer update" in proc.stderr
     ckpts = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
     assert ckpts and f"Last checkpoint: {out / ckpts[-1]}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_trackers_retention_and_skipped_nonfinite_steps(tiny_llama, tmp_path):
+    out = tmp_path / "track"
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(train_cmd("train.py", None) + common(
+        tiny_llama, out, max_steps=4, per_device_train_batch_size=2, save_steps=1, save_total_limit=2, report_to="all"),
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-4"]
+    assert list((out / "runs").glob("events.out.tfevents.*"))  # tensorboard
+    assert list((out / "wandb").glob("offline-run-*"))  # wandb, offline
+    nan = tmp_path / "skip"
+    proc = run("train.py", common(tiny_llama, nan, max_steps=8, per_device_train_batch_size=2, optim="sgd",
+                                  learning_rate=1e12, max_grad_norm=0, max_nonfinite_skips=2, save_strategy="no"),
+               check=False)
+    assert proc.returncode == 1
+    assert "skipped (1/2)" in proc.stdout and "skipped (2/2)" in proc.stdout and "non-finite" in proc.stderr
