@@ -17,14 +17,16 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from train.checkpoint import load_model_files, save_model_files
 from train.distributed import DistInfo
 
 
 class Backend:
     name = "single"
 
-    def __init__(self, info: DistInfo):
+    def __init__(self, info: DistInfo, is_peft: bool = False):
         self.info = info
+        self.is_peft = is_peft
 
     @property
     def loss_scale(self) -> float:
@@ -58,6 +60,14 @@ class Backend:
             return None
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
 
+    def save_state(self, directory, model, optimizer) -> None:
+        """Resumable weights + optimizer into a checkpoint dir (all ranks call; here rank 0 writes)."""
+        if self.info.is_main:
+            save_model_files(directory, self.unwrap(model), optimizer, self.is_peft)
+
+    def load_state(self, directory, model, optimizer) -> None:
+        load_model_files(directory, self.unwrap(model), optimizer, self.is_peft)
+
 
 class DDPBackend(Backend):
     name = "ddp"
@@ -78,5 +88,10 @@ class DDPBackend(Backend):
         return contextlib.nullcontext() if last_micro else model.no_sync()
 
 
-def make_backend(info: DistInfo) -> Backend:
-    return DDPBackend(info) if info.distributed else Backend(info)
+def make_backend(info: DistInfo, cfg) -> Backend:
+    if cfg.fsdp:
+        from train.fsdp import FSDPBackend, FSDPSettings
+
+        settings = FSDPSettings.from_flags(cfg.fsdp, cfg.fsdp_transformer_layer_cls_to_wrap, cfg.fsdp_config)
+        return FSDPBackend(info, settings, cfg.bf16, cfg.is_peft)
+    return DDPBackend(info, cfg.is_peft) if info.distributed else Backend(info, cfg.is_peft)

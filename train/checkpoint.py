@@ -80,7 +80,9 @@ def _barrier(info: DistInfo) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, info: DistInfo,
-                    is_peft: bool, save_total_limit: int | None) -> Path:
+                    backend, save_total_limit: int | None) -> Path:
+    """Write checkpoint-STEP atomically. Model/optimizer go through the backend (rank 0 files for
+    single/DDP, sharded DCP for FSDP); scheduler, trainer state and per-rank RNG are common."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
     if info.is_main:
@@ -88,15 +90,11 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
         tmp.mkdir(parents=True)
     _barrier(info)
     torch.save(_rng_state(), tmp / f"rng_state_rank{info.rank}.pt")
+    backend.save_state(tmp, model, optimizer)
     if info.is_main:
-        if is_peft:
-            model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
-        else:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            _save_dedup(tensors, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": info.world_size}, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": info.world_size, "backend": backend.name},
+                                                 indent=2))
     _barrier(info)
     if info.is_main:
         if final.exists():
@@ -107,6 +105,55 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
                 shutil.rmtree(old, ignore_errors=True)
     _barrier(info)
     return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo, backend) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_by = state.get("backend", "single")
+    if (saved_by == "fsdp") != (backend.name == "fsdp"):
+        raise ValueError(f"--resume_from_checkpoint {path}: written by the {saved_by} backend, which stores "
+                         f"weights differently from {backend.name}; resume with the same kind of backend")
+    backend.load_state(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng_file = path / f"rng_state_rank{info.rank}.pt"
+    if rng_file.is_file() and state.get("world_size") == info.world_size:
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def save_model_files(directory: Path, model, optimizer, is_peft: bool) -> None:
+    """Single-process/DDP checkpoint payload, written by rank 0: weights (or adapter) + optimizer."""
+    if is_peft:
+        model.save_pretrained(directory)  # adapter_model.safetensors + adapter_config.json
+    else:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        _save_dedup(tensors, directory / "model.safetensors")
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def load_model_files(directory: Path, model, optimizer, is_peft: bool) -> None:
+    if is_peft:
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(directory / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"{directory}: adapter has keys the model lacks: {unexpected[:5]}")
+    else:
+        from safetensors import safe_open
+
+        weights = load_file(str(directory / "model.safetensors"))
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        for alias, source in aliases.items():
+            weights[alias] = weights[source]
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]})")
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
 
 
 def _save_dedup(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -122,33 +169,3 @@ def _save_dedup(tensors: dict[str, torch.Tensor], path: Path) -> None:
             seen[key] = k
             unique[k] = v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
     save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo, is_peft: bool) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    if is_peft:
-        from peft import set_peft_model_state_dict
-
-        weights = load_file(str(path / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, weights)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"{path}: adapter has keys the model lacks: {unexpected[:5]}")
-    else:
-        from safetensors import safe_open
-
-        weights = load_file(str(path / "model.safetensors"))
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        for alias, source in aliases.items():
-            weights[alias] = weights[source]
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    state = json.loads((path / STATE_FILE).read_text())
-    rng_file = path / f"rng_state_rank{info.rank}.pt"
-    if rng_file.is_file() and state.get("world_size") == info.world_size:
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return state

@@ -33,9 +33,6 @@ ACCEPTED_NO_OP = {
 }
 # Flags that exist in FastChat/HF but are not (yet) supported: rejected with the reason.
 REJECTED = {
-    "fsdp": "FSDP is not available yet in this version of chattune (it arrives with the sharded-training backends)",
-    "fsdp_transformer_layer_cls_to_wrap": "FSDP is not available yet in this version of chattune",
-    "fsdp_config": "FSDP is not available yet in this version of chattune",
     "deepspeed": "DeepSpeed is not available yet in this version of chattune",
     "fp16": "fp16 training is not supported; use --bf16 True (or fp32)",
     "half_precision_backend": "not used by chattune's training loop",
@@ -111,6 +108,13 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _help("checkpoint dir, or True for the latest in --output_dir", default=None)
     max_nonfinite_skips: int = _help("skip up to N steps with a non-finite loss/grad norm before stopping", default=0)
     save_dtype: str = _help("dtype of the final full-model export: bf16 or fp32", default="bf16")
+    # --- sharding ---
+    fsdp: str = _help("FSDP2 sharding: 'full_shard auto_wrap [offload]' or 'shard_grad_op auto_wrap' (empty: off)",
+                      default="")
+    fsdp_transformer_layer_cls_to_wrap: str | None = _help("decoder layer class(es) to shard (default: detected)",
+                                                           default=None)
+    fsdp_config: str | None = _help("JSON/YAML with more FSDP settings (transformer_layer_cls_to_wrap, reduce_dtype)",
+                                    default=None)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -158,6 +162,15 @@ class TrainConfig:
         need(self.preprocessing_num_workers >= 1, "preprocessing_num_workers", "must be >= 1")
         if self.q_lora:
             self.lora = True  # QLoRA is LoRA on a quantized base
+        if self.fsdp:
+            from train.fsdp import FSDPConfigError, FSDPSettings
+
+            try:
+                FSDPSettings.from_flags(self.fsdp, self.fsdp_transformer_layer_cls_to_wrap, self.fsdp_config)
+            except (FSDPConfigError, OSError) as e:
+                raise ConfigError(str(e) if str(e).startswith("--") else f"--fsdp_config: {e}") from None
+            need(not self.q_lora, "q_lora", "cannot be combined with --fsdp: bitsandbytes 4/8-bit weights cannot be "
+                 "sharded as DTensors by FSDP2 on this stack; use DDP (torchrun without --fsdp) for QLoRA")
         need(not (self.use_dora and self.q_lora and self.bits == 8), "use_dora", "is not supported with 8-bit --q_lora")
 
     @property

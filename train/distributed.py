@@ -30,7 +30,8 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(need_process_group: bool = False) -> DistInfo:
+    """`need_process_group`: create one even for a single process (FSDP2 shards over a device mesh)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,9 +42,22 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or need_process_group) and not dist.is_initialized():
+        if world == 1:  # plain `python train.py`: a one-process group on loopback
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cleanup() -> None:

@@ -31,8 +31,8 @@ def export_model(model, state_dict: dict | None, tokenizer, cfg: TrainConfig, mo
         config = json.loads((out / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    else:
-        model.save_pretrained(out, safe_serialization=True)  # adapter only
+    else:  # adapter only (peft filters a full state dict down to the adapter weights)
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     saved_template = tokenizer.chat_template
     try:  # the exported tokenizer carries the template the model was trained with
         tokenizer.chat_template = jinja_chat_template(cfg.template, tokenizer)

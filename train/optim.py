@@ -25,7 +25,10 @@ def make_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
         # The fused kernel exists for CPU and CUDA and is ~8x faster than foreach on CPU (measured on
         # SmolLM2's 135M parameters: 0.08 s vs 0.6 s per step); same update rule.
         params = [p for g in groups for p in g["params"]]
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        from torch.distributed.tensor import DTensor
+
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
+                    for p in params)
         if cfg.optim == "adamw_torch_fused" and not fused:
             raise ValueError("--optim adamw_torch_fused needs floating-point parameters on CPU or CUDA")
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,

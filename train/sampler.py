@@ -62,7 +62,7 @@ def plan_epoch(lengths: Sequence[int], epoch: int, cfg: PlanConfig) -> list[list
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
     if cfg.group_by_length:
-        window = cfg.batch_size * 64
+        window = cfg.batch_size * cfg.world_size * 64  # depends only on the global micro-batch size
         unit_len = lambda u: sum(lengths[i] for i in u)  # noqa: E731
         units = [u for w in range(0, len(units), window) for u in sorted(units[w:w + window], key=unit_len, reverse=True)]
     batches = [units[i:i + cfg.batch_size] for i in range(0, len(units), cfg.batch_size)]
@@ -111,3 +111,17 @@ class MicroBatchStream:
         epoch = self.state.epoch
         self.state = SamplerState(epoch, self.state.micro_index + 1)
         return epoch, batch
+
+
+def rescale_sampler_state(state: SamplerState, old_world: int, old_batch: int, new_world: int, new_batch: int) -> SamplerState:
+    """Map a data position saved at one (world size, per-device batch) to another: the epoch plan's
+    global order of units does not depend on either, so the position is `units consumed`."""
+    if (old_world, old_batch) == (new_world, new_batch):
+        return state
+    units = state.micro_index * old_world * old_batch
+    per_micro = new_world * new_batch
+    if units % per_micro:
+        raise ValueError(f"cannot resume at the exact data position: {units} units were consumed this epoch, not a "
+                         f"multiple of world size × --per_device_train_batch_size = {per_micro}; keep the global "
+                         "micro-batch size divisible")
+    return SamplerState(state.epoch, units // per_micro)

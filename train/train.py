@@ -34,12 +34,12 @@ from train.loop import (  # noqa: E402
 )
 from train.model_setup import build_model  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
-from train.sampler import MicroBatchStream, PlanConfig  # noqa: E402
+from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state  # noqa: E402
 from train.tracking import Tracker  # noqa: E402
 
 
 def run(cfg: TrainConfig) -> int:
-    info = init_distributed()
+    info = init_distributed(need_process_group=bool(cfg.fsdp))
     try:
         torch.manual_seed(cfg.seed)
         if cfg.tf32 and torch.cuda.is_available():
@@ -81,24 +81,29 @@ def run(cfg: TrainConfig) -> int:
         per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
-        backend = make_backend(info)
-        optimizer = make_optimizer(cfg, model)
+        backend = make_backend(info, cfg)
+        wrapped = backend.prepare(model)  # sharding (FSDP) must precede the optimizer
+        optimizer = make_optimizer(cfg, wrapped)
         scheduler = make_scheduler(cfg, optimizer, total_steps)
         state = LoopState()
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume is not None:
-            state = LoopState.from_dict(load_checkpoint(resume, model, optimizer, scheduler, info, cfg.is_peft))
+            saved = load_checkpoint(resume, wrapped, optimizer, scheduler, info, backend)
+            state = LoopState.from_dict(saved)
+            state.sampler = rescale_sampler_state(state.sampler, saved.get("world_size", info.world_size),
+                                                  saved.get("per_device_train_batch_size", cfg.per_device_train_batch_size),
+                                                  info.world_size, cfg.per_device_train_batch_size)
             state.last_checkpoint = str(resume)
             print0(f"[train] resumed from {resume} at step {state.step}")
-        wrapped = backend.prepare(model)
         print0(f"[train] {mode} fine-tune on {info.world_size} process(es), backend={backend.name}: {len(samples)} samples, "
                f"{per_epoch} steps/epoch, {total_steps} steps, global batch "
                f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * info.world_size}"
                f"{' packed rows' if cfg.packing else ''}")
 
         def save(st: LoopState) -> str:
-            return str(save_checkpoint(cfg.output_dir, st.step, backend.unwrap(wrapped), optimizer, scheduler,
-                                       st.as_dict(), info, cfg.is_peft, cfg.save_total_limit))
+            return str(save_checkpoint(cfg.output_dir, st.step, wrapped, optimizer, scheduler,
+                                       {**st.as_dict(), "per_device_train_batch_size": cfg.per_device_train_batch_size},
+                                       info, backend, cfg.save_total_limit))
 
         eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info)) if eval_samples else None
         tracker = Tracker(cfg, info.is_main, total_steps, state.step)
@@ -113,7 +118,8 @@ def run(cfg: TrainConfig) -> int:
             tracker.close()
         if cfg.save_strategy != "no" and not (state.last_checkpoint or "").endswith(f"checkpoint-{state.step}"):
             save(state)
-        full_state = backend.full_state_dict(wrapped) if mode == "full" else None
+        # gathered on rank 0's CPU; a PEFT model outside FSDP saves its adapter straight from its parameters
+        full_state = backend.full_state_dict(wrapped) if mode == "full" or backend.name == "fsdp" else None
         out = export_model(backend.unwrap(wrapped), full_state, tokenizer, cfg, mode, info.is_main,
                            {"train_stats": train_stats.summary(), "steps": state.step})
         print0(f"[train] done: {state.step} steps; model written to {out}")

@@ -1,0 +1,104 @@
+"""Sharded backends against the single-process reference: same per-step losses, same exported model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import DEMO, common, losses, run
+
+STEPS = 5
+# (name, script, nproc, extra flags). Tolerances: fp32 everywhere, so only reduction order differs.
+BACKENDS = [
+    ("ddp", "train.py", 2, {}),
+    ("fsdp_full_shard", "train_mem.py", 2, {"fsdp": "full_shard auto_wrap", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}),
+    ("fsdp_offload", "train.py", 2, {"fsdp": "full_shard auto_wrap offload"}),
+    ("fsdp_shard_grad_op", "train.py", 2, {"fsdp": "shard_grad_op auto_wrap"}),
+]
+LOSS_RTOL = 2e-4
+LOGIT_ATOL = 2e-4
+
+
+def _flags(mode: str, nproc: int) -> dict:
+    # global micro-batch 4 samples and GA 2 in every configuration
+    flags = {"max_steps": STEPS, "per_device_train_batch_size": 4 // nproc, "gradient_accumulation_steps": 2,
+             "save_steps": 100}
+    if mode == "lora":
+        flags.update(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=3e-3)
+    return flags
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    out = {}
+    for mode in ("full", "lora"):
+        d = tmp_path_factory.mktemp(f"single-{mode}")
+        run("train.py", common(tiny_llama, d, **_flags(mode, 1)))
+        out[mode] = d
+    return out
+
+
+def _logits(out_dir, mode: str, base: str) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    if mode == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([[1, 200, 3000, 45, 9, 77, 12000]])).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("name,script,nproc,extra", BACKENDS, ids=[b[0] for b in BACKENDS])
+def test_backend_matches_single_process(name, script, nproc, extra, mode, reference, tiny_llama, tmp_path):
+    out = tmp_path / name
+    run(script, common(tiny_llama, out, **_flags(mode, nproc), **extra), nproc=nproc)
+    ref, got = losses(reference[mode]), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert abs(ref[step] - got[step]) <= LOSS_RTOL * abs(ref[step]), (name, mode, step, ref[step], got[step])
+    if mode == "lora":
+        assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    torch.testing.assert_close(_logits(out, mode, tiny_llama), _logits(reference[mode], mode, tiny_llama),
+                               atol=LOGIT_ATOL * 50 if mode == "full" else LOGIT_ATOL, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_with_a_different_world_size(tiny_llama, tmp_path):
+    two = tmp_path / "two"
+    flags = {"max_steps": 4, "gradient_accumulation_steps": 1, "save_steps": 2, "fsdp": "full_shard auto_wrap"}
+    run("train.py", common(tiny_llama, two, per_device_train_batch_size=2, **flags), nproc=2)
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copytree(two / "checkpoint-2", one / "checkpoint-2")
+    run("train.py", common(tiny_llama, one, per_device_train_batch_size=4, resume_from_checkpoint=True, **flags), nproc=1)
+    a, b = losses(two), losses(one)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert abs(a[step] - b[step]) <= LOSS_RTOL * abs(a[step])
+    state = json.loads((one / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["backend"] == "fsdp"
+
+
+@pytest.mark.slow
+def test_fastchat_vicuna_fsdp_command_runs_unchanged(tiny_llama, tmp_path):
+    """FastChat's README/train_vicuna_7b.sh command with only model, data and sizes changed."""
+    out = tmp_path / "vicuna"
+    args = [
+        "--model_name_or_path", tiny_llama, "--data_path", DEMO, "--bf16", "True", "--output_dir", str(out),
+        "--num_train_epochs", "1", "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "2", "--gradient_accumulation_steps", "2", "--evaluation_strategy", "no",
+        "--save_strategy", "steps", "--save_steps", "1200", "--save_total_limit", "10", "--learning_rate", "2e-5",
+        "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+        "--tf32", "True", "--model_max_length", "128", "--gradient_checkpointing", "True", "--lazy_preprocess", "True",
+    ]
+    run("train_mem.py", args, nproc=2)
+    assert (out / "model.safetensors").is_file() and sorted(losses(out)) == [1, 2, 3]
+    assert json.loads((out / "chattune.json").read_text())["template"] == "vicuna_v1.1"
