@@ -169,8 +169,7 @@ class TrainConfig:
                 FSDPSettings.from_flags(self.fsdp, self.fsdp_transformer_layer_cls_to_wrap, self.fsdp_config)
             except (FSDPConfigError, OSError) as e:
                 raise ConfigError(str(e) if str(e).startswith("--") else f"--fsdp_config: {e}") from None
-            need(not self.q_lora, "q_lora", "cannot be combined with --fsdp: bitsandbytes 4/8-bit weights cannot be "
-                 "sharded as DTensors by FSDP2 on this stack; use DDP (torchrun without --fsdp) for QLoRA")
+
         need(not (self.use_dora and self.q_lora and self.bits == 8), "use_dora", "is not supported with 8-bit --q_lora")
 
     @property

@@ -25,15 +25,15 @@ def _flags(mode: str, nproc: int) -> dict:
     # global micro-batch 4 samples and GA 2 in every configuration
     flags = {"max_steps": STEPS, "per_device_train_batch_size": 4 // nproc, "gradient_accumulation_steps": 2,
              "save_steps": 100}
-    if mode == "lora":
-        flags.update(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=3e-3)
+    if mode in ("lora", "qlora"):  # no dropout: its masks depend on the per-device batch shape
+        flags.update(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=3e-3, q_lora=mode == "qlora")
     return flags
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama, tmp_path_factory):
     out = {}
-    for mode in ("full", "lora"):
+    for mode in ("full", "lora", "qlora"):
         d = tmp_path_factory.mktemp(f"single-{mode}")
         run("train.py", common(tiny_llama, d, **_flags(mode, 1)))
         out[mode] = d
@@ -43,7 +43,7 @@ def reference(tiny_llama, tmp_path_factory):
 def _logits(out_dir, mode: str, base: str) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    if mode == "lora":
+    if mode in ("lora", "qlora"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)
@@ -63,10 +63,17 @@ def test_backend_matches_single_process(name, script, nproc, extra, mode, refere
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in ref:
         assert abs(ref[step] - got[step]) <= LOSS_RTOL * abs(ref[step]), (name, mode, step, ref[step], got[step])
-    if mode == "lora":
+    if mode != "full":
         assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     torch.testing.assert_close(_logits(out, mode, tiny_llama), _logits(reference[mode], mode, tiny_llama),
                                atol=LOGIT_ATOL * 50 if mode == "full" else LOGIT_ATOL, rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,script,nproc,extra", [BACKENDS[0], BACKENDS[1]], ids=["ddp", "fsdp_full_shard"])
+def test_qlora_backend_matches_single_process(name, script, nproc, extra, reference, tiny_llama, tmp_path):
+    """QLoRA (4-bit NF4 base) under DDP and FSDP2: bitsandbytes' frozen 4-bit weights shard fine on CPU."""
+    test_backend_matches_single_process(name, script, nproc, extra, "qlora", reference, tiny_llama, tmp_path)
 
 
 @pytest.mark.slow
