@@ -54,6 +54,8 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
         return AutoTokenizer.from_pretrained(cached)
+    if source.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(source)):
+        raise TokenizerError(f"tokenizer source {source} does not exist")
     if os.path.exists(source) and not os.path.isdir(source):
         raise TokenizerError(f"tokenizer source {source} is a file but not a .gguf; pass a directory or hub id")
     try:

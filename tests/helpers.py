@@ -62,7 +62,10 @@ def make_tiny_llama(out_dir, tokenizer, seed: int = 0, layers: int = 2) -> str:
 # --- running the real training entry points -------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "data" / "demo" / "chattune_demo.jsonl")
-ENV = {**os.environ, "CHATTUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+# DeepSpeed JIT-compiles its CPU ops on first use (~45 s); keep them cached between runs.
+ENV = {**os.environ, "CHATTUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                              os.path.expanduser("~/.cache/chattune/torch_extensions"))}
 _port = [29610]
 
 

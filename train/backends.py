@@ -35,8 +35,20 @@ class Backend:
     def prepare(self, model):
         return model
 
+    def setup(self, model, make_optimizer):
+        """Wrap the model, then build the optimizer over the wrapped (possibly sharded) parameters."""
+        wrapped = self.prepare(model)
+        return wrapped, make_optimizer(wrapped)
+
     def unwrap(self, model):
         return model
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm_after_step(self) -> float | None:
+        """Backends that clip inside their step (DeepSpeed) report the norm here."""
+        return None
 
     def sync_context(self, model, last_micro: bool):
         return contextlib.nullcontext()
@@ -88,7 +100,12 @@ class DDPBackend(Backend):
         return contextlib.nullcontext() if last_micro else model.no_sync()
 
 
-def make_backend(info: DistInfo, cfg) -> Backend:
+def make_backend(info: DistInfo, cfg, hidden_size: int | None = None) -> Backend:
+    if cfg.deepspeed:
+        from train.deepspeed_backend import DeepSpeedBackend, fill_auto, load_ds_config
+
+        return DeepSpeedBackend(info, fill_auto(load_ds_config(cfg.deepspeed), cfg, info.world_size, hidden_size),
+                                cfg.is_peft)
     if cfg.fsdp:
         from train.fsdp import FSDPBackend, FSDPSettings
 

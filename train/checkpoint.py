@@ -111,7 +111,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo, bac
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     state = json.loads((path / STATE_FILE).read_text())
     saved_by = state.get("backend", "single")
-    if (saved_by == "fsdp") != (backend.name == "fsdp"):
+    kind = {"fsdp": "fsdp", "deepspeed": "deepspeed"}  # single and ddp share one file layout
+    if kind.get(saved_by, "plain") != kind.get(backend.name, "plain"):
         raise ValueError(f"--resume_from_checkpoint {path}: written by the {saved_by} backend, which stores "
                          f"weights differently from {backend.name}; resume with the same kind of backend")
     backend.load_state(path, model, optimizer)

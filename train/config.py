@@ -33,7 +33,6 @@ ACCEPTED_NO_OP = {
 }
 # Flags that exist in FastChat/HF but are not (yet) supported: rejected with the reason.
 REJECTED = {
-    "deepspeed": "DeepSpeed is not available yet in this version of chattune",
     "fp16": "fp16 training is not supported; use --bf16 True (or fp32)",
     "half_precision_backend": "not used by chattune's training loop",
 }
@@ -115,6 +114,9 @@ class TrainConfig:
                                                            default=None)
     fsdp_config: str | None = _help("JSON/YAML with more FSDP settings (transformer_layer_cls_to_wrap, reduce_dtype)",
                                     default=None)
+    deepspeed: str | None = _help("DeepSpeed JSON config (ds_configs/zero2.json, zero2_offload, zero3, zero3_offload)",
+                                  default=None)
+    local_rank: int = _help("set by the deepspeed launcher; chattune reads LOCAL_RANK from the environment", default=-1)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,6 +164,19 @@ class TrainConfig:
         need(self.preprocessing_num_workers >= 1, "preprocessing_num_workers", "must be >= 1")
         if self.q_lora:
             self.lora = True  # QLoRA is LoRA on a quantized base
+        need(not (self.fsdp and self.deepspeed), "deepspeed", "and --fsdp are alternatives; pass one")
+        if self.deepspeed:
+            from train.deepspeed_backend import DeepSpeedConfigError, load_ds_config, zero_stage
+
+            try:
+                stage = zero_stage(load_ds_config(self.deepspeed))
+            except DeepSpeedConfigError as e:
+                raise ConfigError(str(e)) from None
+            need(stage in (0, 1, 2, 3), "deepspeed", f"zero_optimization.stage must be 0-3, got {stage}")
+            need(not (self.q_lora and stage == 3), "q_lora", "cannot be combined with ZeRO-3: ZeRO-3 partitions every "
+                 "parameter, including bitsandbytes' packed 4-bit weights; use ds_configs/zero2.json for QLoRA")
+            need(self.max_nonfinite_skips == 0, "max_nonfinite_skips", "is not supported with --deepspeed (the engine "
+                 "owns the accumulation window); a non-finite loss stops the run before the update")
         if self.fsdp:
             from train.fsdp import FSDPConfigError, FSDPSettings
 

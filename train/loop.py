@@ -123,7 +123,7 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
         loss, n_sup = accumulate_gradients(model, batches, backend, info, cfg.bf16)
         grad_norm = backend.clip_and_norm(model, cfg.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
+            backend.zero_grad(optimizer)
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             if state.nonfinite_skips < cfg.max_nonfinite_skips:
                 state.nonfinite_skips += 1
@@ -136,7 +136,9 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
                 "Lower --learning_rate, check the data, or allow skips with --max_nonfinite_skips N.")
         backend.step(optimizer)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        backend.zero_grad(optimizer)
+        reported = backend.grad_norm_after_step()
+        grad_norm = grad_norm if reported is None else reported
         state.step += 1
         state.sampler = stream.state
         step_tokens = all_reduce_sum(sum(int(b["num_tokens"]) for b in batches), info.device)

@@ -62,6 +62,8 @@ def resolve_model_dir(source: str | os.PathLike) -> str:
         return str(materialize_gguf(source))
     if os.path.isfile(source):
         raise ModelLoadError(f"model source {source} is a file but not a .gguf; pass a directory or hub id")
+    if source.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(source)):
+        raise ModelLoadError(f"model source {source} does not exist")
     return source
 
 

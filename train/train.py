@@ -81,9 +81,9 @@ def run(cfg: TrainConfig) -> int:
         per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
-        backend = make_backend(info, cfg)
-        wrapped = backend.prepare(model)  # sharding (FSDP) must precede the optimizer
-        optimizer = make_optimizer(cfg, wrapped)
+        backend = make_backend(info, cfg, getattr(model.config, "hidden_size", None))
+        # wrapping/sharding (FSDP, DeepSpeed) precedes the optimizer, which sees the wrapped parameters
+        wrapped, optimizer = backend.setup(model, lambda m: make_optimizer(cfg, m))
         scheduler = make_scheduler(cfg, optimizer, total_steps)
         state = LoopState()
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)

@@ -32,8 +32,8 @@ def test_fastchat_flags_parse():
     ("--lr_scheduler_type", "cosinus", "--lr_scheduler_type must be one of"),
     ("--bits", "3", "--bits must be 4 or 8"),
     ("--gradient_accumulation_steps", "two", "--gradient_accumulation_steps expects int"),
-    ("--fsdp", "full_shard auto_wrap", "--fsdp: FSDP is not available yet"),
-    ("--deepspeed", "ds.json", "--deepspeed: DeepSpeed is not available yet"),
+    ("--fsdp", "full_shard wrap_all", "--fsdp: unknown option(s) ['wrap_all']"),
+    ("--deepspeed", "nope.json", "--deepspeed nope.json: no such file"),
     ("--learnin_rate", "1", "unknown flag --learnin_rate"),
 ])
 def test_bad_values_name_the_flag(flag, value, message):

@@ -16,6 +16,10 @@ BACKENDS = [
     ("fsdp_full_shard", "train_mem.py", 2, {"fsdp": "full_shard auto_wrap", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}),
     ("fsdp_offload", "train.py", 2, {"fsdp": "full_shard auto_wrap offload"}),
     ("fsdp_shard_grad_op", "train.py", 2, {"fsdp": "shard_grad_op auto_wrap"}),
+    ("zero2", "train.py", 2, {"deepspeed": "ds_configs/zero2.json"}),
+    ("zero2_offload", "train.py", 2, {"deepspeed": "ds_configs/zero2_offload.json"}),
+    ("zero3", "train_mem.py", 2, {"deepspeed": "ds_configs/zero3.json"}),
+    ("zero3_offload", "train.py", 2, {"deepspeed": "ds_configs/zero3_offload.json"}),
 ]
 LOSS_RTOL = 2e-4
 LOGIT_ATOL = 2e-4
