@@ -64,3 +64,39 @@ def test_yaml_config_with_cli_overrides(tmp_path):
 def test_q_lora_implies_lora():
     cfg = parse_args(BASE + ["--q_lora", "True"])
     assert cfg.lora and cfg.is_peft
+
+
+def test_sharding_flag_combinations_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="--q_lora cannot be combined with ZeRO-3"):
+        parse_args(BASE + ["--deepspeed", "ds_configs/zero3.json", "--q_lora", "True"])
+    with pytest.raises(ConfigError, match="--deepspeed and --fsdp are alternatives"):
+        parse_args(BASE + ["--deepspeed", "ds_configs/zero2.json", "--fsdp", "full_shard auto_wrap"])
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2},\n "bf16": }')
+    with pytest.raises(ConfigError, match=r"ds.json:2: malformed JSON"):
+        parse_args(BASE + ["--deepspeed", str(bad)])
+    assert parse_args(BASE + ["--deepspeed", "ds_configs/zero2.json", "--q_lora", "True", "--local_rank=1"]).q_lora
+
+
+def test_deepspeed_auto_values_come_from_flags():
+    from train.deepspeed_backend import DeepSpeedConfigError, fill_auto, load_ds_config
+
+    cfg = parse_args(BASE + ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5",
+                             "--max_grad_norm", "0.7", "--bf16", "True"])
+    filled = fill_auto(load_ds_config("ds_configs/zero3_offload.json"), cfg, world_size=4, hidden_size=64)
+    assert filled["train_micro_batch_size_per_gpu"] == 3 and filled["gradient_accumulation_steps"] == 5
+    assert filled["train_batch_size"] == 60 and filled["gradient_clipping"] == 0.7 and filled["bf16"]["enabled"] is True
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=2 contradicts the flags"):
+        fill_auto({"gradient_accumulation_steps": 2}, cfg, world_size=1, hidden_size=64)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero2_offload", "zero3", "zero3_offload"])
+def test_shipped_deepspeed_configs_have_bf16_and_auto_values(name):
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / f"{name}.json").read_text())
+    assert data["bf16"] == {"enabled": "auto"} and data["train_micro_batch_size_per_gpu"] == "auto"
+    assert data["zero_optimization"]["stage"] == (3 if "zero3" in name else 2)
+    assert ("offload_optimizer" in data["zero_optimization"]) == ("offload" in name)
