@@ -173,8 +173,9 @@ class TrainConfig:
             except DeepSpeedConfigError as e:
                 raise ConfigError(str(e)) from None
             need(stage in (0, 1, 2, 3), "deepspeed", f"zero_optimization.stage must be 0-3, got {stage}")
-            need(not (self.q_lora and stage == 3), "q_lora", "cannot be combined with ZeRO-3: ZeRO-3 partitions every "
-                 "parameter, including bitsandbytes' packed 4-bit weights; use ds_configs/zero2.json for QLoRA")
+            need(not (self.q_lora and stage == 3), "q_lora", "cannot be combined with ZeRO-3: training runs, but "
+                 "DeepSpeed's 16-bit gather returns empty LoRA tensors on a bitsandbytes 4-bit base (deepspeed 0.19.8), "
+                 "so the adapter cannot be saved; use ds_configs/zero2.json (or --fsdp) for QLoRA")
             need(self.max_nonfinite_skips == 0, "max_nonfinite_skips", "is not supported with --deepspeed (the engine "
                  "owns the accumulation window); a non-finite loss stops the run before the update")
         if self.fsdp:

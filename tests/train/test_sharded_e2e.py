@@ -84,7 +84,7 @@ def test_backend_matches_single_process(name, script, nproc, extra, mode, refere
 @pytest.mark.parametrize("name,script,nproc,extra", [BACKENDS[0], BACKENDS[1], BACKENDS[4]],
                          ids=["ddp", "fsdp_full_shard", "zero2"])
 def test_qlora_backend_matches_single_process(name, script, nproc, extra, reference, tiny_llama, tmp_path):
-    """QLoRA (4-bit NF4 base) under DDP, FSDP2 and ZeRO-2 (ZeRO-3 is refused: it would partition the packed 4-bit weights)."""
+    """QLoRA (4-bit NF4 base) under DDP, FSDP2 and ZeRO-2 (ZeRO-3 is refused: its adapter gather comes back empty)."""
     test_backend_matches_single_process(name, script, nproc, extra, "qlora", reference, tiny_llama, tmp_path)
 
 
