@@ -140,14 +140,25 @@ def test_deepspeed_resume_is_exact(config, tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_runs_the_recipe(tiny_llama, tmp_path):
+def test_fastchat_qlora_deepspeed_command_runs_unchanged(tiny_llama, tmp_path):
+    """FastChat's documented `deepspeed train_lora.py ... --q_lora True --deepspeed <zero2>` command, through the
+    deepspeed launcher, with only model, data and sizes changed."""
     import subprocess
     import sys
 
-    out = tmp_path / "dslaunch"
+    out = tmp_path / "fastchat-qlora"
+    args = [
+        "--model_name_or_path", tiny_llama, "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+        "--data_path", DEMO, "--bf16", "True", "--output_dir", str(out), "--num_train_epochs", "3", "--max_steps", "2",
+        "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "1",
+        "--evaluation_strategy", "no", "--save_strategy", "steps", "--save_steps", "1200", "--save_total_limit", "100",
+        "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
+        "--logging_steps", "1", "--tf32", "True", "--model_max_length", "128", "--q_lora", "True",
+        "--deepspeed", "ds_configs/zero2.json",
+    ]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29755",
-           str(ROOT / "train" / "train_lora.py")] + common(tiny_llama, out, max_steps=2, per_device_train_batch_size=2,
-                                                          deepspeed="ds_configs/zero2.json")
+           str(ROOT / "train" / "train_lora.py")] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(losses(out)) == [1, 2] and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "chattune.json").read_text())["mode"] == "qlora"
