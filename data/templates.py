@@ -14,15 +14,13 @@ Built-ins render exactly the prompt strings FastChat 0.2.36 renders for the same
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 PieceKind = Literal["template", "content", "eot"]
 HEADER = -1  # message index of template text that belongs to no message (BOS, default system prompt)
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):  # a NamedTuple: created ~10 times per conversation, so cheap construction matters
     text: str
     msg: int  # index into the messages list, or HEADER
     kind: PieceKind  # "content": the message text (never parsed for special tokens);

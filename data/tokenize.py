@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
-
-import numpy as np
 
 from data.templates import HEADER, Piece, render_pieces
 from data.tokenizer import run_encoder
@@ -80,16 +79,16 @@ def _piece_supervised(piece: Piece, chosen: set[int], mask: Mask) -> bool:
 
 
 def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, mask: Mask) -> list[Encoded]:
-    """Tokenize many rendered conversations with two batched backend calls and one vectorized pass.
+    """Tokenize many rendered conversations with two batched backend calls.
 
     Every text run of the batch is laid out in one global character space; each text piece is a span
-    of it with a supervision flag and an owning message. A token is supervised when any character it
-    covers belongs to a supervised span (an empty span, e.g. a lone dummy prefix, takes the flag of the
-    span at its position); it is owned by the message of its last character.
+    of it with a supervision flag and an owning message. A token is supervised when it overlaps a
+    supervised span, and owned by the message of the last span it touches.
     """
     enc = run_encoder(tokenizer)
     layouts: list[list[tuple]] = []  # per conversation: ("run", run_index) | ("special", id, supervised, msg)
     runs: list[tuple[str, bool]] = []
+    run_span_counts: list[int] = []
     span_start: list[int] = []
     span_len: list[int] = []
     span_sup: list[bool] = []
@@ -114,37 +113,49 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
                 if buf:
                     items.append(("run", len(runs)))
                     runs.append(("".join(buf), at_start))
+                    run_span_counts.append(len(buf))
                     buf = []
                 items.append(("special", special_id, sup, piece.msg))
                 at_start = False
         if buf:
             items.append(("run", len(runs)))
             runs.append(("".join(buf), at_start))
+            run_span_counts.append(len(buf))
         layouts.append(items)
-    run_base = np.concatenate(([0], np.cumsum([len(t) for t, _ in runs], dtype=np.int64)))[:-1].tolist()
+    run_base_list = [0, *accumulate(len(t) for t, _ in runs)][:-1]  # where each run starts in the char space
 
-    encoded_runs = enc.encode_runs(runs)
-    counts = np.fromiter((len(ids) for ids, _ in encoded_runs), dtype=np.int64, count=len(runs))
-    tok_start = np.concatenate(([0], np.cumsum(counts)))
-    flat_ids = [t for ids, _ in encoded_runs for t in ids]
-    if flat_ids:
-        off = np.fromiter((x for _, offs in encoded_runs for pair in offs for x in pair), dtype=np.int64,
-                          count=2 * len(flat_ids)).reshape(-1, 2)
-        bases = np.repeat(np.asarray(run_base, dtype=np.int64), counts)
-        ends_of_run = np.repeat(np.asarray([b + len(t) for b, (t, _) in zip(run_base, runs)], dtype=np.int64), counts)
-        s, e = off[:, 0] + bases, off[:, 1] + bases
-        starts = np.asarray(span_start, dtype=np.int64)
-        sup_arr = np.asarray(span_sup, dtype=np.int64)
-        msg_arr = np.asarray(span_msg, dtype=np.int64)
-        char_sup = np.concatenate(([0], np.cumsum(np.repeat(sup_arr, np.asarray(span_len, dtype=np.int64)))))
-        empty = e <= s
-        pos = np.where(empty, np.minimum(s, ends_of_run - 1), e - 1)
-        span_of = np.clip(np.searchsorted(starts, pos, side="right") - 1, 0, None)
-        tok_sup = np.where(empty, sup_arr[span_of] > 0, char_sup[e] - char_sup[s] > 0)
-        flat_labels = np.where(tok_sup, np.asarray(flat_ids, dtype=np.int64), IGNORE_INDEX).tolist()
-        flat_owner = msg_arr[span_of].tolist()
-    else:
-        flat_labels, flat_owner = [], []
+    # Per run, each span's token range comes from the backend's char→token map (no per-token offsets
+    # needed): first = token holding the span's first char; last = token holding its last char, or the
+    # token just before the next span's first token when several tokens share a char (byte fallback).
+    # A token is supervised when it overlaps a supervised span, and owned by the last span it touches.
+    encodings = enc.encode_runs_raw(runs)
+    run_ids: list[list[int]] = []
+    run_labels: list[list[int]] = []
+    run_owner: list[list[int]] = []
+    k = 0  # index of the run's first span in the span lists
+    for (text, _), encoding, n_spans in zip(runs, encodings, run_span_counts):
+        ids = encoding.ids
+        n = len(ids)
+        labels = [IGNORE_INDEX] * n
+        owner = [HEADER] * n
+        c2t = encoding.char_to_token
+        length = len(text)
+        for j in range(k, k + n_spans):
+            a = span_start[j] - run_base_list[len(run_ids)]
+            b = a + span_len[j]
+            if b <= a:
+                continue
+            first = c2t(a)
+            last = n - 1 if b >= length else max(c2t(b - 1), c2t(b) - 1)
+            if first is None:
+                continue
+            owner[first:last + 1] = [span_msg[j]] * (last + 1 - first)
+            if span_sup[j]:
+                labels[first:last + 1] = ids[first:last + 1]
+        k += n_spans
+        run_ids.append(ids)
+        run_labels.append(labels)
+        run_owner.append(owner)
 
     out: list[Encoded] = []
     for (pieces, _), items in zip(batch, layouts):
@@ -159,10 +170,9 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
                 labels.append(tid if sup else IGNORE_INDEX)
                 owner.append(msg)
             else:
-                a, b = tok_start[item[1]], tok_start[item[1] + 1]
-                ids.extend(flat_ids[a:b])
-                labels.extend(flat_labels[a:b])
-                owner.extend(flat_owner[a:b])
+                ids.extend(run_ids[item[1]])
+                labels.extend(run_labels[item[1]])
+                owner.extend(run_owner[item[1]])
         ids.extend(enc.suffix_ids)
         labels.extend([IGNORE_INDEX] * len(enc.suffix_ids))
         owner.extend([HEADER] * len(enc.suffix_ids))

@@ -149,15 +149,19 @@ class RunEncoder:
             out.append((text[pos:], None))
         return out
 
-    def encode_runs(self, runs: list[tuple[str, bool]]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Encode (text, starts_prompt) runs in two batched calls; returns (ids, char offsets) per run."""
+    def encode_runs_raw(self, runs: list[tuple[str, bool]]) -> list:
+        """Encode (text, starts_prompt) runs in two batched calls; the backend's Encodings, in order."""
         results: list = [None] * len(runs)
         for starts, backend in ((True, self.first), (False, self.cont)):
             idx = [i for i, (_, s) in enumerate(runs) if s == starts]
             if idx:
                 for i, enc in zip(idx, backend.encode_batch([runs[i][0] for i in idx], add_special_tokens=False)):
-                    results[i] = (enc.ids, enc.offsets)
+                    results[i] = enc
         return results
+
+    def encode_runs(self, runs: list[tuple[str, bool]]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, char offsets) per (text, starts_prompt) run."""
+        return [(e.ids, e.offsets) for e in self.encode_runs_raw(runs)]
 
     def encode_text(self, text: str) -> list[int]:
         """Encode a whole template-style string (added tokens are control tokens), no auto specials."""

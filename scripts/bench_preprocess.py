@@ -7,7 +7,7 @@ whitespace and role words inside content), then in one run times:
   * chattune: tokenize_batch (vicuna_v1.1, max_length 2048), single process, from normalized records
   * chattune end to end: read + validate + tokenize from the file
   * FastChat 0.2.36 `fastchat.train.train.preprocess` (vicuna_v1.1), the same tokenizer
-and prints conversations/s, tokens/s, the speed-up, how many samples FastChat silently zeroed
+and prints (median of --repeats runs) conversations/s, tokens/s, the speed-up, how many samples FastChat silently zeroed
 (all labels -100 after its `tokenization mismatch`), and how many of ours differ from the
 tokenizer's own ids for the whole prompt (must be 0).
 """
@@ -49,12 +49,22 @@ def make_conversation(rng: random.Random, i: int) -> dict:
     return rec
 
 
+def _median_time(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, default=5000)
     ap.add_argument("--tokenizer", default="asset:llama-spm")
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline; the median is reported")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
@@ -67,16 +77,20 @@ def main() -> None:
 
     records, _ = load_conversations(tmp)
     convs = [r["messages"] for r in records]
-    t0 = time.perf_counter()
-    results = []
-    for i in range(0, len(convs), 256):
-        results += tokenize_batch(convs[i:i + 256], tok, "vicuna_v1.1", args.max_length)
-    ours_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    records2, _ = load_conversations(tmp)
-    for i in range(0, len(records2), 256):
-        tokenize_batch([r["messages"] for r in records2[i:i + 256]], tok, "vicuna_v1.1", args.max_length)
-    ours_e2e_s = time.perf_counter() - t0
+
+    def ours() -> list:
+        out = []
+        for i in range(0, len(convs), 256):
+            out += tokenize_batch(convs[i:i + 256], tok, "vicuna_v1.1", args.max_length)
+        return out
+
+    def ours_e2e() -> None:
+        recs, _ = load_conversations(tmp)
+        for i in range(0, len(recs), 256):
+            tokenize_batch([r["messages"] for r in recs[i:i + 256]], tok, "vicuna_v1.1", args.max_length)
+
+    ours_s, results = _median_time(ours, args.repeats)
+    ours_e2e_s, _ = _median_time(ours_e2e, args.repeats)
     ours_tokens = sum(len(ex.input_ids) for r in results for ex in r.samples)
     ours_dropped = sum(len(r.dropped) for r in results)
     mismatches = 0
@@ -96,16 +110,17 @@ def main() -> None:
     # non-legacy behaviour, so legacy=False is FastChat's most favourable (and correct) setting here.
     fc_tok.legacy = False
     sources = [r["conversations"] for r in records_raw]
-    captured = io.StringIO()
-    t0 = time.perf_counter()
-    with redirect_stdout(captured):  # FastChat prints one warning line per mismatched sample
-        out = preprocess(sources, fc_tok)
-    fc_s = time.perf_counter() - t0
+    def fastchat():
+        with redirect_stdout(io.StringIO()):  # in case FastChat prints mismatch warnings (rank-0 only)
+            return preprocess(sources, fc_tok)
+
+    fc_s, out = _median_time(fastchat, args.repeats)
     fc_tokens = int(out["attention_mask"].sum())
     fc_zeroed = int((out["labels"] == IGNORE_INDEX).all(dim=1).sum())
 
     n = len(convs)
-    print(f"conversations: {n}  tokenizer: {args.tokenizer}  template: vicuna_v1.1  max_length: {args.max_length}")
+    print(f"conversations: {n}  tokenizer: {args.tokenizer}  template: vicuna_v1.1  max_length: {args.max_length}  "
+          f"(median of {args.repeats} runs each)")
     print(f"{'pipeline':<34}{'seconds':>9}{'conv/s':>10}{'tokens/s':>12}")
     print(f"{'chattune tokenize_batch':<34}{ours_s:>9.2f}{n / ours_s:>10.0f}{ours_tokens / ours_s:>12.0f}")
     print(f"{'chattune read+validate+tokenize':<34}{ours_e2e_s:>9.2f}{n / ours_e2e_s:>10.0f}{ours_tokens / ours_e2e_s:>12.0f}")
