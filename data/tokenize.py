@@ -305,3 +305,26 @@ def tokenize_conversation(
         raise DroppedSample(res.dropped[0])
     ex = res.samples[0]
     return {"input_ids": ex.input_ids, "labels": ex.labels, "truncated": ex.truncated}
+
+
+def encode_prompt(messages: Sequence[dict], tokenizer, template: str) -> list[int]:
+    """Ids of a conversation followed by the assistant's generation prompt, built exactly as in training."""
+    pieces = render_pieces(list(messages), template, tokenizer, add_generation_prompt=True)
+    return _encode_pieces_batch([(pieces, set())], tokenizer, "assistant")[0].input_ids
+
+
+def end_of_turn(tokenizer, template: str) -> tuple[set[int], list[str]]:
+    """What ends an assistant turn for this template: control-token ids and plain stop strings
+    (taken from the template's own end-of-turn piece, plus the tokenizer's EOS)."""
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    enc = run_encoder(tokenizer)
+    ids: set[int] = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    strings: list[str] = []
+    for piece in render_pieces(msgs, template, tokenizer):
+        if piece.kind == "eot":
+            for text, special_id in enc.split_specials(piece.text):
+                if special_id is not None:
+                    ids.add(special_id)
+                elif text.strip():
+                    strings.append(text.strip())
+    return ids, strings

@@ -1,0 +1,98 @@
+"""Load what training wrote (full model, LoRA/QLoRA adapter, merged model), any HF model or `.gguf`,
+with the chat template recorded at training time. The template is never guessed from the path:
+`--conv-template` > `chattune.json` > the tokenizer's own `chat_template` > error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.assets import resolve_source
+from data.templates import TEMPLATE_NAMES
+from data.tokenize import end_of_turn
+from data.tokenizer import load_tokenizer
+from train.modeling import load_causal_lm, resolve_model_dir
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ServeLoadError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    template: str
+    stop_token_ids: set[int]
+    stop_strings: list[str]
+    source: str
+    kind: str  # "full", "adapter" or "merged-adapter"
+    context_length: int
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def load_for_chat(model_path: str, base_model_path: str | None = None, conv_template: str | None = None,
+                  device: str = "cpu", dtype: str | None = None, load_8bit: bool = False, load_4bit: bool = False,
+                  merge: bool = False) -> LoadedModel:
+    source = resolve_source(model_path)
+    directory = Path(source) if os.path.isdir(source) else None
+    if directory is None and not source.endswith(".gguf") and source.startswith(("/", "./", "../")):
+        raise ServeLoadError(f"--model-path {model_path}: no such directory or .gguf file")
+    record = _read_json(directory / "chattune.json") if directory else {}
+    adapter_cfg = _read_json(directory / "adapter_config.json") if directory else {}
+    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    kwargs: dict = {}
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_8bit, load_in_4bit=load_4bit,
+                                                           bnb_4bit_compute_dtype=torch_dtype)
+        kwargs["device_map"] = {"": device}
+
+    if adapter_cfg:
+        base = base_model_path or adapter_cfg.get("base_model_name_or_path")
+        if not base:
+            raise ServeLoadError(f"{model_path} is a LoRA adapter without a recorded base model; pass --base-model-path")
+        from peft import PeftModel
+
+        model = load_causal_lm(resolve_model_dir(base), dtype=torch_dtype, **kwargs)
+        model = PeftModel.from_pretrained(model, str(directory))
+        kind = "adapter"
+        if merge:
+            model = model.merge_and_unload()
+            kind = "merged-adapter"
+        tokenizer_source = str(directory) if (directory / "tokenizer_config.json").is_file() else base
+    else:
+        model = load_causal_lm(source, dtype=torch_dtype, **kwargs)
+        kind = "full"
+        tokenizer_source = source
+    if not kwargs:
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(tokenizer_source)
+
+    template = conv_template or record.get("template")
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ServeLoadError(f"{model_path}: no chattune.json and no chat_template in the tokenizer; pass "
+                                 f"--conv-template (one of {', '.join(TEMPLATE_NAMES)})")
+        template = "tokenizer"
+    if template not in TEMPLATE_NAMES:
+        raise ServeLoadError(f"--conv-template {template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
+    stop_ids, stop_strings = end_of_turn(tokenizer, template)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or record.get("max_length") or 2048)
+    return LoadedModel(model, tokenizer, template, stop_ids, stop_strings, str(model_path), kind, context)
