@@ -78,9 +78,14 @@ def main() -> int:
     hits_before = sum(expected in a for a in before)
     hits_after = sum(expected in a for a in after)
     print(f"\nanswers naming '{expected}': before {hits_before}/{len(questions)}, after {hits_after}/{len(questions)}")
-    print(f"model written to {args.output_dir}; chat with it: python -m serve.cli --model-path {args.output_dir}"
-          " (serve.cli arrives with the serving issue)")
-    return 0 if hits_after > hits_before else 1
+    print("\n== a short scripted chat through serve.cli (programmatic style)", flush=True)
+    script = "".join(f"{m} __END_OF_A_MESSAGE_47582648__\n" for m in ("Hi! Who am I talking to?", "What is 7 + 5?"))
+    chat = subprocess.run([sys.executable, "-m", "serve.cli", "--model-path", args.output_dir, "--style", "programmatic",
+                           "--temperature", "0", "--max-new-tokens", "48"], input=script, text=True,
+                          capture_output=True, cwd=ROOT)
+    print(chat.stdout.replace(" __END_OF_A_MESSAGE_47582648__", ""), flush=True)
+    print(f"model written to {args.output_dir}; chat with it: python -m serve.cli --model-path {args.output_dir}")
+    return 0 if hits_after > hits_before and chat.returncode == 0 else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 from data.assets import fetch_assets
 from data.tokenizer import load_tokenizer
 
-TOKENIZER_ASSETS = ("llama-spm", "llama-bpe", "qwen2", "smollm2")
+TOKENIZER_ASSETS = ("llama-spm", "llama-bpe", "qwen2", "smollm2", "gpt-2")
 
 
 @pytest.fixture(scope="session", autouse=True)
