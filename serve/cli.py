@@ -79,7 +79,8 @@ class ProgrammaticIO(SimpleIO):
 
 
 class RichIO(SimpleIO):
-    """Markdown-rendered replies (rich), re-rendered live as tokens stream in."""
+    """Markdown-rendered replies (rich), re-rendered live as tokens stream in; prompt_toolkit input
+    (line editing, history) when stdin is a terminal."""
 
     def __init__(self, multiline: bool = False):
         from rich.console import Console
@@ -88,10 +89,18 @@ class RichIO(SimpleIO):
         self.console = Console()
         self._live = None
         self._text = ""
+        self._session = None
+        if sys.stdin.isatty():  # line editing and up-arrow history, as FastChat's rich style has
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.history import InMemoryHistory
+
+            self._session = PromptSession(history=InMemoryHistory())
 
     def read(self, role: str) -> str | None:
         try:
-            return self.console.input(f"[bold]{role}:[/] ")
+            if self._session is None:
+                return self.console.input(f"[bold]{role}:[/] ")
+            return self._session.prompt(f"{role}: ", multiline=self.multiline)
         except EOFError:
             return None
 

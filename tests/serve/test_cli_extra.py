@@ -58,7 +58,11 @@ def test_rich_style_in_a_terminal(tiny_llama, tmp_path):
     os.write(master, b"Hello there\r")
     read_until(b"ASSISTANT:")
     read_until(b"USER:", times=2)  # the reply finished and the next prompt is up
-    os.write(master, b"!!exit\r")
+    before = seen.count(b"Hello there")
+    os.write(master, b"\x1b[A")  # up arrow: prompt_toolkit history recalls the last message
+    read_until(b"Hello there", times=before + 1, timeout=20)
+    assert seen.count(b"Hello there") > before
+    os.write(master, b"\x15!!exit\r")  # ctrl-u clears the recalled line
     proc.wait(timeout=60)
     os.close(master)
     assert proc.returncode == 0
