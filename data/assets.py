@@ -70,6 +70,27 @@ def resolve_source(source: str | os.PathLike) -> str:
     return source
 
 
+def cached_conversion(path: Path, kind: str, marker: str, build) -> Path:
+    """Directory `<cache>/<kind>/<stem>-<key>` holding `build(tmp_dir)`'s output for a source file, keyed by
+    the file's path, size and mtime; built once (temp dir + rename) and reused while `marker` exists."""
+    import hashlib
+    import shutil
+
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / kind / f"{path.stem}-{key}"
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    build(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _pip_download(requirement: str, sdist: bool, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest), requirement]
     if sdist:

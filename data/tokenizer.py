@@ -16,11 +16,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
-from data.assets import cache_dir, resolve_source
+from data.assets import cached_conversion, resolve_source
 
 
 class TokenizerError(ValueError):
@@ -40,19 +38,9 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
         path = Path(source)
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {path} does not exist")
-        stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        cached = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
-        if (cached / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(cached)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, cached)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        cached = cached_conversion(
+            path, "tokenizers", "tokenizer_config.json",
+            lambda tmp: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp))
         return AutoTokenizer.from_pretrained(cached)
     if source.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(source)):
         raise TokenizerError(f"tokenizer source {source} does not exist")

@@ -235,7 +235,8 @@ def _convert(flag: str, hint, value):
     return str(value)
 
 
-def _load_config_file(path: str) -> dict:
+def load_mapping(path: str) -> dict:
+    """A YAML (.yaml/.yml) or JSON file holding a mapping (config files, --fsdp_config)."""
     with open(path, encoding="utf-8") as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -257,7 +258,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> T
     names = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = dict(defaults or {})
     if argv and not argv[0].startswith("--") and argv[0].endswith((".yaml", ".yml", ".json")):
-        values.update(_load_config_file(argv.pop(0)))
+        values.update(load_mapping(argv.pop(0)))
     cli: dict[str, Any] = {}
     i = 0
     while i < len(argv):

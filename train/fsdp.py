@@ -12,7 +12,6 @@ so only rank 0 ever holds a full copy, on CPU. Resumable checkpoints are sharded
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,16 +70,12 @@ class FSDPSettings:
 
 
 def _load(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    from train.config import ConfigError, load_mapping
 
-            data = yaml.safe_load(f) or {}
-        else:
-            data = json.load(f)
-    if not isinstance(data, dict):
-        raise FSDPConfigError(f"--fsdp_config {path}: must hold a mapping")
-    return data
+    try:
+        return load_mapping(path)
+    except ConfigError as e:
+        raise FSDPConfigError(f"--fsdp_config {e}") from None
 
 
 def decoder_layer_classes(model, names: tuple[str, ...]) -> tuple[type, ...]:

@@ -9,16 +9,13 @@ the marker is cleared before the cache is written.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from data.assets import cache_dir, resolve_source
+from data.assets import cached_conversion, resolve_source
 
 
 class ModelLoadError(ValueError):
@@ -36,23 +33,15 @@ def materialize_gguf(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{path.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+
+    return cached_conversion(path, "models", "config.json", build)
 
 
 def resolve_model_dir(source: str | os.PathLike) -> str:
