@@ -15,11 +15,10 @@ import sys
 import time
 
 from data.formats import Row
-from data.templates import TEMPLATE_NAMES
 from data.tokenize import encode_prompt
 from data.validate import normalize_row
 from serve.generation import GenerationResult, SamplingParams, stream_generate
-from serve.loading import LoadedModel, ServeLoadError, load_for_chat
+from serve.loading import LoadedModel, ServeLoadError, add_model_args, load_from_args
 
 END_OF_MESSAGE = " __END_OF_A_MESSAGE_47582648__"
 
@@ -159,7 +158,11 @@ def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system:
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     roles = ("USER", "ASSISTANT")
     while True:
-        text = io.read(roles[0])
+        try:
+            text = io.read(roles[0])
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves the chat, as FastChat's does
+            print(flush=True)
+            return 0
         if text is None or text.strip() == "!!exit":
             return 0
         stripped = text.strip()
@@ -237,14 +240,7 @@ def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="training output dir, HF model dir/id, .gguf or asset:NAME")
-    p.add_argument("--base-model-path", help="base model for a LoRA adapter (default: from adapter_config.json)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--load-8bit", action="store_true", help="8-bit weights via bitsandbytes")
-    p.add_argument("--load-4bit", action="store_true", help="4-bit NF4 weights via bitsandbytes")
-    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base before chatting")
-    p.add_argument("--conv-template", choices=TEMPLATE_NAMES, help="override the template recorded at training")
+    add_model_args(p)
     p.add_argument("--conv-system-msg", help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -262,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e).replace("temperature", "--temperature").replace("top_p", "--top-p"))
     try:
-        loaded = load_for_chat(args.model_path, args.base_model_path, args.conv_template, args.device, args.dtype,
-                               args.load_8bit, args.load_4bit, args.merge)
+        loaded = load_from_args(args)
     except (ServeLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -45,9 +45,39 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def check_device(device: str) -> None:
+    """Fail early, naming the flag, when the requested accelerator is not there."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ServeLoadError("--device cuda: no CUDA GPU is visible to torch on this machine (use --device cpu)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ServeLoadError("--device mps: Apple's Metal backend is not available on this machine (use --device cpu)")
+
+
+def add_model_args(p) -> None:
+    """The model-loading flags shared by serve.cli, serve.openai_api_server and eval."""
+    p.add_argument("--model-path", required=True, help="training output dir, HF model dir/id, .gguf or asset:NAME")
+    p.add_argument("--base-model-path", help="base model for a LoRA adapter (default: from adapter_config.json)")
+    p.add_argument("--conv-template", choices=TEMPLATE_NAMES, help="override the template recorded at training")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: bfloat16 on cuda, float32 otherwise)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--load-8bit", action="store_true", help="8-bit weights via bitsandbytes")
+    quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 weights via bitsandbytes")
+    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base at load")
+
+
+def load_from_args(args) -> LoadedModel:
+    return load_for_chat(args.model_path, args.base_model_path, args.conv_template, args.device, args.dtype,
+                         args.load_8bit, args.load_4bit, args.merge)
+
+
 def load_for_chat(model_path: str, base_model_path: str | None = None, conv_template: str | None = None,
                   device: str = "cpu", dtype: str | None = None, load_8bit: bool = False, load_4bit: bool = False,
                   merge: bool = False) -> LoadedModel:
+    check_device(device)
+    if load_8bit and load_4bit:
+        raise ServeLoadError("--load-8bit and --load-4bit are exclusive; pick one")
     source = resolve_source(model_path)
     directory = Path(source) if os.path.isdir(source) else None
     if directory is None and not source.endswith(".gguf") and source.startswith(("/", "./", "../")):
@@ -57,6 +87,10 @@ def load_for_chat(model_path: str, base_model_path: str | None = None, conv_temp
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     kwargs: dict = {}
     if load_8bit or load_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ServeLoadError("--load-8bit/--load-4bit need bitsandbytes: pip install bitsandbytes") from e
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_8bit, load_in_4bit=load_4bit,

@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the (string) annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from data.templates import TEMPLATE_NAMES
 from data.tokenize import encode_prompt
 from serve.generation import GenerationResult, SamplingParams, stream_generate
-from serve.loading import LoadedModel, ServeLoadError, load_for_chat
+from serve.loading import LoadedModel, ServeLoadError, add_model_args, load_from_args
 
 
 class RequestError(Exception):
@@ -252,25 +251,17 @@ def create_app(service: Service, api_keys: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.openai_api_server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="training output dir, HF model dir/id, .gguf or asset:NAME")
-    p.add_argument("--base-model-path", help="base model for a LoRA adapter (default: from adapter_config.json)")
+    add_model_args(p)
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the directory name)")
-    p.add_argument("--conv-template", choices=TEMPLATE_NAMES, help="override the template recorded at training")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-keys", help="comma-separated keys; requests must send `Authorization: Bearer KEY`")
     p.add_argument("--limit-concurrency", type=int, default=1, help="generations at once; the rest wait in line")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--load-4bit", action="store_true")
-    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base at load")
     args = p.parse_args(argv)
     if args.limit_concurrency < 1:
         p.error("--limit-concurrency must be >= 1")
     try:
-        loaded = load_for_chat(args.model_path, args.base_model_path, args.conv_template, args.device, args.dtype,
-                               args.load_8bit, args.load_4bit, args.merge)
+        loaded = load_from_args(args)
     except (ServeLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -67,3 +67,102 @@ def test_rich_style_in_a_terminal(tiny_llama, tmp_path):
     os.close(master)
     assert proc.returncode == 0
     assert b"ASSISTANT:" in seen and seen.count(b"USER:") >= 2  # a reply was rendered, then a new prompt
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_reply_only(tiny_llama, tmp_path):
+    """A real SIGINT while a long greedy reply streams: that reply ends, the chat goes on, !!exit works."""
+    import queue
+    import signal
+    import threading
+
+    end = " __END_OF_A_MESSAGE_47582648__"
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "--model-path", tiny_llama, "--conv-template", "chatml",
+                             "--style", "programmatic", "--temperature", "0", "--max-new-tokens", "900"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+                            bufsize=0)
+    chunks: queue.Queue[bytes] = queue.Queue()
+    threading.Thread(target=lambda: [chunks.put(b) for b in iter(lambda: proc.stdout.read(64), b"")],
+                     daemon=True).start()
+    seen = b""
+
+    def wait_for(marker: bytes, times: int = 1, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while seen.count(marker) < times:
+            assert time.time() < deadline, f"timed out waiting for {marker!r}; got {seen[-500:]!r}"
+            try:
+                seen += chunks.get(timeout=0.5)
+            except queue.Empty:
+                pass
+
+    try:
+        proc.stdin.write(f"Tell me a long story{end}\n".encode())
+        wait_for(b"[!OP:ASSISTANT]: ")
+        start = len(seen)
+        while len(seen) - start < 20:  # the reply is streaming
+            wait_for(b"", timeout=60)
+            seen += chunks.get(timeout=60)
+        proc.send_signal(signal.SIGINT)
+        wait_for(b"[reply interrupted]")
+        proc.stdin.write(f"second message{end}\n".encode())
+        wait_for(b"[!OP:ASSISTANT]: ", times=2)
+        proc.send_signal(signal.SIGINT)  # also stops the second reply (greedy: it would run to 900 tokens)
+        wait_for(b"[reply interrupted]", times=2)
+        proc.stdin.write(f"!!exit{end}\n".encode())
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        proc.kill()
+    text = seen.decode(errors="replace")
+    first = text.split("[!OP:ASSISTANT]: ")[1].split(end)[0]
+    assert 0 < len(first) and "[!OP:USER]: second message" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_serving_of_full_and_adapter_outputs(tiny_llama, tmp_path, bits):
+    """--load-4bit/--load-8bit (bitsandbytes, CPU backend here): layers are quantized, logits stay close to
+    the full-precision ones, and the CLI chats with the quantized adapter model."""
+    import torch
+
+    from serve.loading import load_for_chat
+
+    out = tmp_path / "lora"
+    run("train.py", common(tiny_llama, out, max_steps=1, per_device_train_batch_size=2, save_strategy="no", lora=True))
+    ref = load_for_chat(str(out))
+    quant = load_for_chat(str(out), load_4bit=bits == 4, load_8bit=bits == 8)
+    assert quant.kind == "adapter" and quant.template == ref.template
+    layer_types = {type(m).__name__ for m in quant.model.modules()}
+    assert ("Linear4bit" if bits == 4 else "Linear8bitLt") in layer_types
+    ids = torch.tensor([ref.tokenizer.encode("Hello, who are you?")])
+    with torch.no_grad():
+        a, b = ref.model(ids).logits, quant.model(ids).logits
+    assert (a - b).abs().max() < 0.25 * a.abs().max() and not torch.equal(a, b)
+    flag = f"--load-{bits}bit"
+    proc = subprocess.run([sys.executable, "-m", "serve.cli", "--model-path", str(out), flag, "--style", "programmatic",
+                           "--temperature", "0", "--max-new-tokens", "5"],
+                          input="hi __END_OF_A_MESSAGE_47582648__\n", capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("[!OP:ASSISTANT]: ") == 1
+    full = load_for_chat(tiny_llama, conv_template="chatml", load_4bit=bits == 4, load_8bit=bits == 8)
+    assert full.kind == "full" and ("Linear4bit" if bits == 4 else "Linear8bitLt") in {
+        type(m).__name__ for m in full.model.modules()}
+
+
+def test_unavailable_device_and_conflicting_quantization_are_refused(tiny_llama):
+    import torch
+
+    proc = subprocess.run([sys.executable, "-m", "serve.cli", "--model-path", tiny_llama, "--load-4bit", "--load-8bit"],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, input="")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    if not torch.backends.mps.is_available():
+        proc = subprocess.run([sys.executable, "-m", "serve.cli", "--model-path", tiny_llama, "--device", "mps"],
+                              capture_output=True, text=True, env=ENV, cwd=ROOT, input="")
+        assert proc.returncode == 1 and "--device mps: Apple's Metal backend is not available" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "serve.openai_api_server", "--model-path", tiny_llama,
+                               "--device", "cuda"], capture_output=True, text=True, env=ENV, cwd=ROOT, input="")
+        assert proc.returncode == 1 and "--device cuda: no CUDA GPU" in proc.stderr
