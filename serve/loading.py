@@ -57,7 +57,8 @@ def add_model_args(p) -> None:
     """The model-loading flags shared by serve.cli, serve.openai_api_server and eval."""
     p.add_argument("--model-path", required=True, help="training output dir, HF model dir/id, .gguf or asset:NAME")
     p.add_argument("--base-model-path", help="base model for a LoRA adapter (default: from adapter_config.json)")
-    p.add_argument("--conv-template", choices=TEMPLATE_NAMES, help="override the template recorded at training")
+    p.add_argument("--conv-template", "--template", dest="conv_template", choices=TEMPLATE_NAMES,
+                   help="override the template recorded at training")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: bfloat16 on cuda, float32 otherwise)")
