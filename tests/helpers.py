@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TRICKY = [
@@ -96,3 +98,32 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+
+
+# --- the OpenAI-compatible server as a subprocess -------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, *extra: str):
+    """`python -m serve.openai_api_server` on a free loopback port; returns (process, base URL) once it answers."""
+    port = free_port()
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "serve.openai_api_server", "--model-path", str(model_dir),
+                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=1, headers={"Authorization": "Bearer k1"}).status_code in (200, 401):
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+    proc.kill()
+    raise RuntimeError("server did not start")

@@ -3,46 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from helpers import ENV, ROOT, common, run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model_dir, *extra: str):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serve.openai_api_server", "--model-path", str(model_dir),
-                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=1, headers={"Authorization": "Bearer k1"}).status_code in (200, 401):
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
-    proc.kill()
-    raise RuntimeError("server did not start")
+from helpers import common, run, start_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("served")
     run("train.py", common(tiny_llama, out, max_steps=2, per_device_train_batch_size=2, save_strategy="no"))
-    proc, base = _start(out, "--limit-concurrency", "2", "--model-name", "tiny")
+    proc, base = start_server(out, "--limit-concurrency", "2", "--model-name", "tiny")
     yield base, out
     proc.terminate()
     proc.wait(timeout=30)
@@ -118,7 +90,7 @@ def test_concurrent_greedy_requests_match_sequential(client):
 def test_api_keys(server):
     from openai import AuthenticationError, OpenAI
 
-    proc, base = _start(server[1], "--api-keys", "k1,k2")
+    proc, base = start_server(server[1], "--api-keys", "k1,k2")
     try:
         assert httpx.get(f"{base}/v1/models").status_code == 401
         with pytest.raises(AuthenticationError):
