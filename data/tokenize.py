@@ -208,6 +208,45 @@ def _exchanges(messages: Sequence[dict]) -> tuple[list[int], list[list[int]]]:
     return head, groups
 
 
+def plan_split(msgs: Sequence[dict], token_msg: list[int], max_length: int) -> list[list[int]]:
+    """Message indices of each part when splitting an over-long conversation at exchange boundaries:
+    greedy packing of whole user→assistant exchanges, using the token counts of the full encoding;
+    every part starts with the system prompt. No message is lost; an exchange longer than max_length
+    on its own becomes a part by itself."""
+    head, groups = _exchanges(msgs)
+    counts = [0] * (len(msgs) + 1)
+    for o in token_msg:
+        counts[o] += 1  # HEADER (-1) lands in the last slot
+    head_len = counts[-1] + sum(counts[i] for i in head)
+    parts: list[list[int]] = []
+    size = 0
+    for g in groups:
+        g_len = sum(counts[i] for i in g)
+        if parts and size + g_len <= max_length:
+            parts[-1].extend(g)
+            size += g_len
+        else:
+            parts.append(list(g))
+            size = head_len + g_len
+    return [head + part for part in parts]
+
+
+def split_conversations(conversations: Sequence[Sequence[dict]], tokenizer, template: str,
+                        max_length: int) -> list[tuple[list[list[dict]], int]]:
+    """Each conversation as (parts that fit max_length tokens with the real template, its full length
+    in tokens); split at exchange boundaries (see plan_split). One that fits comes back as one part."""
+    encoded = _encode_pieces_batch([(render_pieces(list(m), template, tokenizer), set()) for m in conversations],
+                                   tokenizer, "assistant")
+    out = []
+    for msgs, ex in zip(conversations, encoded):
+        if len(ex.input_ids) <= max_length:
+            out.append(([list(msgs)], len(ex.input_ids)))
+        else:
+            out.append(([[msgs[i] for i in idx] for idx in plan_split(msgs, ex.token_msg, max_length)],
+                        len(ex.input_ids)))
+    return out
+
+
 def _n_supervised(ex: Encoded) -> int:
     return len(ex.labels) - ex.labels.count(IGNORE_INDEX)
 
@@ -242,26 +281,9 @@ def tokenize_batch(
             res.samples.append(_truncate(ex, max_length))
             res.truncated = 1
         else:
-            # Greedy packing of whole exchanges, using token counts from the full encoding, then each
-            # part is re-rendered as its own conversation (with the system prompt) and re-tokenized.
-            head, groups = _exchanges(msgs)
-            counts = [0] * (len(msgs) + 1)
-            for o in ex.token_msg:
-                counts[o] += 1  # HEADER (-1) lands in the last slot
-            head_len = counts[-1] + sum(counts[i] for i in head)
-            parts: list[list[int]] = []
-            size = 0
-            for g in groups:
-                g_len = sum(counts[i] for i in g)
-                if parts and size + g_len <= max_length:
-                    parts[-1].extend(g)
-                    size += g_len
-                else:
-                    parts.append(list(g))
-                    size = head_len + g_len
+            parts = plan_split(msgs, ex.token_msg, max_length)
             chosen_full = supervised_messages(msgs, mask)
-            for part in parts:
-                idx = head + part
+            for idx in parts:
                 sub = [msgs[i] for i in idx]
                 chosen = {j for j, i in enumerate(idx) if i in chosen_full}
                 split_jobs.append((ci, sub, chosen))

@@ -107,10 +107,20 @@ def main() -> None:
     with open(OUT / "chattune_demo.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    # Held-out identity questions (phrasings that never appear in the training file) for before/after checks.
-    heldout = ["Please tell me who you are.", "What are you called?", "Who built you?", "What is the name of this assistant?"]
-    assert not set(heldout) & set(IDENTITY_QUESTIONS + CREATOR_QUESTIONS)
-    (OUT / "heldout_identity.json").write_text(json.dumps({"questions": heldout, "expected_substring": NAME}, indent=2) + "\n")
+    # Held-out facts (phrasings that never appear in the training file) scored before and after
+    # fine-tuning by `python -m eval.identity` (make demo): the identity it teaches and knowledge it keeps.
+    heldout = [
+        {"question": "Please tell me who you are.", "expect": [NAME]},
+        {"question": "What are you called?", "expect": [NAME]},
+        {"question": "What is the name of this assistant?", "expect": [NAME]},
+        {"question": "Who built you?", "expect": ["chattune"]},
+        {"question": "Which project are you a part of?", "expect": ["chattune"]},
+        {"question": "What's the capital city of Norway?", "expect": ["Oslo"]},
+        {"question": "Tell me the capital of Kenya.", "expect": ["Nairobi"]},
+    ]
+    assert not {h["question"] for h in heldout} & {t["value"] for r in records for t in r["conversations"]}
+    (OUT / "heldout_identity.json").write_text(json.dumps({"name": "demo identity and facts", "items": heldout},
+                                                          indent=2) + "\n")
     print(f"wrote {len(records)} conversations to {OUT / 'chattune_demo.jsonl'}")
 
 

@@ -1,0 +1,141 @@
+"""What the data tools in scripts/ share: read records keeping their location, write them, convert
+between formats, show progress, and account for every record (kept, fixed, dropped with a reason).
+
+Records stay as the user wrote them (a tool never rewrites fields it does not own); `messages_of`
+gives the normalized view (data.validate) when a tool needs roles and text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from data.formats import Row, read_rows
+from data.validate import ValidationOptions, normalize_row
+
+
+class ToolError(ValueError):
+    """Bad input for a tool; the message names the file, record and problem."""
+
+
+def read_records(paths) -> list[Row]:
+    """Every row of the input files; a row that cannot be parsed stops the tool, naming file and line."""
+    try:
+        rows = list(read_rows(paths))
+    except (OSError, ValueError) as e:
+        raise ToolError(str(e)) from None
+    for row in rows:
+        if row.error:
+            raise ToolError(f"{row.path}:{row.loc}: {row.error}")
+        if not isinstance(row.value, dict):
+            raise ToolError(f"{row.path}:{row.loc}: expected a JSON object, got {type(row.value).__name__}")
+    return rows
+
+
+def write_records(records: Iterable[dict], path: str) -> int:
+    """`.jsonl`: one record per line; `.json`: an indented array (FastChat's files). Atomic."""
+    records = list(records)
+    if not path.endswith((".json", ".jsonl")):
+        raise ToolError(f"{path}: output must end in .json or .jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        else:
+            json.dump(records, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)
+    return len(records)
+
+
+def record_id(row: Row) -> str:
+    rid = row.value.get("id")
+    return str(rid) if rid is not None else f"{os.path.basename(row.path)}:{row.loc}"
+
+
+def messages_of(row: Row, opts: ValidationOptions | None = None) -> tuple[list[dict] | None, str | None]:
+    """(normalized messages, None) or (None, the validation problem) for any supported format."""
+    rec, problem = normalize_row(row, opts)
+    if problem:
+        return None, f"{problem.rule}: {problem.message}"
+    return rec["messages"], None
+
+
+def to_sharegpt(rid: str, messages: list[dict]) -> dict:
+    rec: dict = {"id": rid, "conversations": []}
+    for m in messages:
+        if m["role"] == "system":
+            rec["system"] = m["content"]
+        else:
+            turn = {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+            if "train" in m:
+                turn["train"] = m["train"]
+            rec["conversations"].append(turn)
+    return rec
+
+
+def conversation_text(messages: list[dict], roles: tuple[str, ...] = ("user", "assistant")) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] in roles)
+
+
+def progress(items, desc: str, total: int | None = None) -> Iterator:
+    from tqdm import tqdm
+
+    return iter(tqdm(items, desc=desc, total=total, file=sys.stderr, disable=bool(os.environ.get("CHATTUNE_NO_PROGRESS"))))
+
+
+@dataclass
+class Tally:
+    """Per tool run: records read, kept, dropped (by reason, with examples) and fixed (by kind)."""
+
+    tool: str
+    read: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    fixed: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] += 1
+        self.examples.setdefault(reason, where)
+
+    def summary(self) -> dict:
+        return {"tool": self.tool, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+                "fixed": dict(self.fixed), "first_dropped": self.examples}
+
+    def report(self, out_path: str | None = None, report_file: str | None = None) -> None:
+        lines = [f"[{self.tool}] read {self.read}, kept {self.kept}, dropped {sum(self.dropped.values())}"
+                 + (f" → {out_path}" if out_path else "")]
+        for reason, n in self.dropped.most_common():
+            lines.append(f"  dropped {n} × {reason} (first: {self.examples[reason]})")
+        for what, n in self.fixed.most_common():
+            lines.append(f"  fixed {n} × {what}")
+        print("\n".join(lines), flush=True)
+        if report_file:
+            with open(report_file, "w", encoding="utf-8") as f:
+                json.dump(self.summary(), f, indent=2)
+
+
+def where(row: Row) -> str:
+    return f"{row.path}:{row.loc} ({record_id(row)})"
+
+
+def add_io_args(p, out: bool = True) -> None:
+    p.add_argument("--in-file", "--in", dest="in_file", nargs="+", required=True,
+                   help="input .json/.jsonl/.parquet files, directories or globs")
+    if out:
+        p.add_argument("--out-file", "--out", dest="out_file", required=True, help="output .json or .jsonl")
+    p.add_argument("--report", help="also write the kept/dropped summary as JSON here")
+
+
+def run_tool(main_fn) -> int:
+    """Entry-point wrapper: a ToolError is a one-line message and exit status 1, never a traceback."""
+    try:
+        return main_fn() or 0
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,94 @@
+"""Split conversations longer than --max-length tokens at turn boundaries (FastChat's
+`split_long_conversation`, without its loss of the last exchange at each split).
+
+    python scripts/split_long_conversation.py --in-file clean.json --out-file split.json \\
+        --tokenizer asset:llama-spm --template vicuna_v1.1 --max-length 2048
+
+Lengths are counted with the real tokenizer and template, exactly as training will tokenize. Parts
+are `ID_0`, `ID_1`, ...; each keeps the system prompt and the record's other fields; together they
+hold every turn of the original, in order. An exchange longer than --max-length on its own is kept
+as its own part (training's --truncation then applies) and counted in the summary. Input in any
+supported format; output is ShareGPT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.records import (
+    Tally,
+    ToolError,
+    add_io_args,
+    messages_of,
+    progress,
+    read_records,
+    record_id,
+    run_tool,
+    to_sharegpt,
+    where,
+    write_records,
+)
+from data.templates import TEMPLATE_NAMES
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_io_args(p)
+    p.add_argument("--tokenizer", "--model-name-or-path", dest="tokenizer", required=True,
+                   help="tokenizer: HF dir, .gguf or asset:NAME")
+    p.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=256, help="conversations tokenized per batch")
+    args = p.parse_args()
+    if args.max_length < 2:
+        p.error("--max-length must be >= 2")
+    from data.tokenize import split_conversations, tokenize_batch
+    from data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ToolError(f"--tokenizer {args.tokenizer}: {e}") from None
+    rows = read_records(args.in_file)
+    tally = Tally("split_long_conversation", read=len(rows))
+    valid = []
+    for row in rows:
+        msgs, problem = messages_of(row)
+        if problem:
+            tally.drop(problem, where(row))
+        else:
+            valid.append((row, msgs))
+    out, split_parts = [], []
+    over = 0  # parts still over the limit: single exchanges that cannot be split at a turn boundary
+    for start in progress(range(0, len(valid), args.batch_size), "splitting",
+                          total=(len(valid) + args.batch_size - 1) // args.batch_size):
+        chunk = valid[start:start + args.batch_size]
+        for (row, msgs), (parts, length) in zip(chunk, split_conversations([m for _, m in chunk], tokenizer, args.template,
+                                                                 args.max_length)):
+            rid = record_id(row)
+            extra = {k: v for k, v in row.value.items() if k not in ("id", "conversations", "messages", "system",
+                                                                     "instruction", "input", "output")}
+            if len(parts) == 1:
+                over += length > args.max_length
+                out.append(row.value if "conversations" in row.value else {**to_sharegpt(rid, msgs), **extra})
+                continue
+            tally.fixed["conversations split"] += 1
+            tally.fixed["parts written for split conversations"] += len(parts)
+            for i, part in enumerate(parts):
+                out.append({**to_sharegpt(f"{rid}_{i}", part), **extra})
+                split_parts.append(part)
+    results = tokenize_batch(split_parts, tokenizer, args.template) if split_parts else []
+    over += sum(len(res.samples[0].input_ids) > args.max_length for res in results if res.samples)
+    if over:
+        tally.fixed[f"single exchanges longer than {args.max_length} tokens kept whole"] += over
+    tally.kept = write_records(out, args.out_file)
+    tally.report(args.out_file, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
