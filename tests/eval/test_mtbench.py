@@ -201,3 +201,26 @@ def test_answers_judging_and_results_end_to_end(tiny_llama, judge_model, tmp_pat
     bad = _py("eval.show_results", "--judgment-file", str(pair), "--mode", "single", "--questions", str(qfile),
               check=False)
     assert bad.returncode == 1 and "does not match" in bad.stderr
+
+    # FastChat's own llm_judge readers accept every file we wrote
+    fc = _fastchat_llm_judge()
+    assert sorted(fc.load_model_answers(str(answers))) == ["base", "tuned"]
+    assert fc.load_model_answers(str(answers))["base"][1]["choices"][0]["turns"] == base[1]["choices"][0]["turns"]
+    assert len(fc.load_single_model_judgments(str(single))[("judge", "single-v1")]) == 4  # (question, model) keys
+    pairs = fc.load_pairwise_model_judgments(str(pair))
+    assert all(r["winners"] == ("inconsistent",) for table in pairs.values() for r in table.values())
+    assert set(fc.load_judge_prompts(str(DEFAULT_JUDGE_PROMPTS))) == set(load_judge_prompts(DEFAULT_JUDGE_PROMPTS))
+
+
+def _fastchat_llm_judge():
+    """fastchat.llm_judge.common (fschat 0.2.36) imports API clients at module level; only its file readers
+    are used here, so absent clients are replaced by empty modules."""
+    import importlib
+    import types
+
+    for name in ("anthropic",):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    return importlib.import_module("fastchat.llm_judge.common")
