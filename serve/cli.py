@@ -15,6 +15,7 @@ import sys
 import time
 
 from data.formats import Row
+from data.records import to_sharegpt
 from data.tokenize import encode_prompt
 from data.validate import normalize_row
 from serve.generation import GenerationResult, SamplingParams, stream_generate
@@ -127,16 +128,6 @@ class RichIO(SimpleIO):
         self.console.print(f"[dim]\\[{text}][/]")
 
 
-def to_sharegpt(messages: list[dict], conv_id: str = "chat") -> dict:
-    rec: dict = {"id": conv_id, "conversations": []}
-    for m in messages:
-        if m["role"] == "system":
-            rec["system"] = m["content"]
-        else:
-            rec["conversations"].append({"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]})
-    return rec
-
-
 def trim_to_context(loaded: LoadedModel, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
     """Prompt ids that leave room for the reply, dropping the oldest exchanges (never the system prompt
     or the newest user turn). Returns (ids, number of messages dropped)."""
@@ -182,7 +173,7 @@ def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system:
         if stripped.startswith("!!save"):
             path = stripped[len("!!save"):].strip() or "chat.json"
             with open(path, "w", encoding="utf-8") as f:
-                json.dump(to_sharegpt(messages), f, ensure_ascii=False, indent=2)
+                json.dump(to_sharegpt("chat", messages), f, ensure_ascii=False, indent=2)
             io.notice(f"saved {len(messages)} messages to {path}")
             continue
         if stripped.startswith("!!load"):
