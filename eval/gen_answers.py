@@ -42,7 +42,10 @@ def answer_question(loaded, question: dict, params: SamplingParams, num_choices:
         turns = []
         for turn in question["turns"]:
             messages.append({"role": "user", "content": turn})
-            ids, _ = trim_to_context(loaded, messages, params.max_new_tokens)
+            ids, dropped = trim_to_context(loaded, messages, params.max_new_tokens)
+            if dropped:
+                print(f"question {question['question_id']}: context full, the oldest {dropped} messages were left out",
+                      file=sys.stderr, flush=True)
             result = GenerationResult()
             p = SamplingParams(params.temperature, params.top_p, params.repetition_penalty, params.max_new_tokens,
                                None if seed is None else seed + index, loaded.stop_strings)

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from data.tokenize import IGNORE_INDEX, OVERFLOW_POLICIES, tokenize_batch
+from data.tokenize import IGNORE_INDEX, tokenize_batch
 from data.validate import DataError, format_report, load_conversations
 from serve.loading import ServeLoadError, add_model_args, load_from_args
 from train.collate import collate_padded
@@ -82,8 +82,9 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="held-out conversations: ShareGPT / OpenAI messages / Alpaca files")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate like training's --model_max_length (default: the model's context)")
-    p.add_argument("--truncation", choices=list(OVERFLOW_POLICIES), default="truncate",
-                   help="over-length conversations, as training's --truncation")
+    p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
+                   help="over-length conversations, as training's --truncation (split parts would renumber turns: "
+                        "split the data with scripts/split_long_conversation.py instead)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--output", help="write the figures as JSON here (rank 0)")

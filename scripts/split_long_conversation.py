@@ -5,8 +5,8 @@
         --tokenizer asset:llama-spm --template vicuna_v1.1 --max-length 2048
 
 Lengths are counted with the real tokenizer and template, exactly as training will tokenize. Parts
-are `ID_0`, `ID_1`, ...; each keeps the system prompt and the record's other fields; together they
-hold every turn of the original, in order. An exchange longer than --max-length on its own is kept
+are `ID_0`, `ID_1`, ... with `"split_from": ID` (split_train_test keeps them on one side); each keeps
+the system prompt and the record's other fields; together they hold every turn of the original, in order. An exchange longer than --max-length on its own is kept
 as its own part (training's --truncation then applies) and counted in the summary. Input in any
 supported format; output is ShareGPT.
 """
@@ -79,7 +79,7 @@ def main() -> int:
             tally.fixed["conversations split"] += 1
             tally.fixed["parts written for split conversations"] += len(parts)
             for i, part in enumerate(parts):
-                out.append({**to_sharegpt(f"{rid}_{i}", part), **extra})
+                out.append({**to_sharegpt(f"{rid}_{i}", part), **extra, "split_from": rid})
                 split_parts.append(part)
     results = tokenize_batch(split_parts, tokenizer, args.template) if split_parts else []
     over += sum(len(res.samples[0].input_ids) > args.max_length for res in results if res.samples)

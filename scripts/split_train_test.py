@@ -3,9 +3,9 @@
     python scripts/split_train_test.py --in-file data.json --ratio 0.05 [--seed 0]
         → data_train.json and data_test.json (or --train-file / --test-file)
 
-Parts of one conversation written by split_long_conversation (`ID_0`, `ID_1`, ...) stay on the same
-side, so the test set never holds the continuation of a training conversation (`--no-group-parts`
-turns that off). `--test-size N` instead of `--ratio` fixes the number of test groups. Records are
+Parts of one conversation written by split_long_conversation (records with the same `split_from`)
+stay on the same side, so the test set never holds the continuation of a training conversation
+(`--no-group-parts` turns that off). `--test-size N` instead of `--ratio` fixes the number of test groups. Records are
 written unchanged; the summary counts both sides.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -21,11 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import Tally, add_io_args, read_records, record_id, run_tool, write_records
 
-PART_SUFFIX = re.compile(r"_\d+$")
 
-
-def group_key(rid: str, group_parts: bool) -> str:
-    return PART_SUFFIX.sub("", rid) if group_parts else rid
+def group_key(row, group_parts: bool) -> str:
+    parent = row.value.get("split_from") if group_parts else None
+    return f"split:{parent}" if parent is not None else f"id:{record_id(row)}"
 
 
 def split_groups(keys: list[str], ratio: float | None, test_size: int | None, seed: int) -> set[str]:
@@ -44,7 +42,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-file")
     p.add_argument("--test-file")
-    p.add_argument("--no-group-parts", action="store_true", help="let ID_0 and ID_1 land on different sides")
+    p.add_argument("--no-group-parts", action="store_true", help="let parts of one split conversation land on different sides")
     args = p.parse_args()
     if not 0 <= args.ratio <= 1:
         p.error("--ratio must be in [0, 1]")
@@ -55,7 +53,7 @@ def main() -> int:
     train_file = args.train_file or str(stem.with_name(f"{stem.stem}_train{suffix}"))
     test_file = args.test_file or str(stem.with_name(f"{stem.stem}_test{suffix}"))
     rows = read_records(args.in_file)
-    keys = [group_key(record_id(r), not args.no_group_parts) for r in rows]
+    keys = [group_key(r, not args.no_group_parts) for r in rows]
     test_keys = split_groups(keys, args.ratio, args.test_size, args.seed)
     train = [r.value for r, k in zip(rows, keys) if k not in test_keys]
     test = [r.value for r, k in zip(rows, keys) if k in test_keys]

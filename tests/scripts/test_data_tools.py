@@ -83,13 +83,13 @@ def test_split_long_conversation_loses_no_turn(tmp_path, tokenizers):
     parts = read(out)
     by_origin: dict[str, list] = {}
     for p in parts:
-        by_origin.setdefault(p["id"].rsplit("_", 1)[0] if p["id"].startswith("c") and "_" in p["id"] else p["id"],
-                             []).append(p)
+        by_origin.setdefault(p.get("split_from", p["id"]), []).append(p)
     for original in records:  # every turn of every conversation, in order, across its parts
         ordered = sorted(by_origin[original["id"]], key=lambda p: int(p["id"].rsplit("_", 1)[1]) if "_" in p["id"] else 0)
         got = [t for p in ordered for t in p["conversations"]]
         assert got == original["conversations"]
     assert all(p.get("system") == "Be nice." for p in parts if p["id"].startswith("c"))
+    assert all(p["split_from"] == p["id"].rsplit("_", 1)[0] for p in parts if "_" in p["id"])
     tok = tokenizers["llama-spm"]
     msgs = {r["id"]: r["messages"] for r in load(str(out))[0]}
     lengths = {pid: len(tokenize_conversation(m, tok, "vicuna_v1.1")["input_ids"]) for pid, m in msgs.items()}
@@ -153,15 +153,16 @@ def test_dedup_exact_and_near(tmp_path):
 
 
 def test_split_train_test_keeps_parts_together(tmp_path):
-    records = [conv(f"c{i}_{k}", "q", "a") for i in range(20) for k in range(3)] + [conv("solo", "q", "a")]
+    records = [conv(f"c{i}_{k}", "q", "a", split_from=f"c{i}") for i in range(20) for k in range(3)]
+    records += [conv("solo", "q", "a")] + [conv(f"identity_{i}", "q", "a") for i in range(4)]  # not parts: no split_from
     src = write(tmp_path / "data.json", records)
-    tool("split_train_test.py", "--in-file", src, "--ratio", "0.25", "--seed", "3")
+    tool("split_train_test.py", "--in-file", src, "--ratio", "0.2", "--seed", "3")
     train, test = read(tmp_path / "data_train.json"), read(tmp_path / "data_test.json")
     assert len(train) + len(test) == len(records)
-    origin = lambda r: r["id"].rsplit("_", 1)[0]  # noqa: E731
+    origin = lambda r: r.get("split_from", r["id"])  # noqa: E731
     assert not {origin(r) for r in train} & {origin(r) for r in test}
-    assert len({origin(r) for r in test}) == round(21 * 0.25)
-    tool("split_train_test.py", "--in-file", src, "--ratio", "0.25", "--seed", "3", "--train-file",
+    assert len({origin(r) for r in test}) == 5  # 25 groups (20 split conversations + 5 plain records) × 0.2
+    tool("split_train_test.py", "--in-file", src, "--ratio", "0.2", "--seed", "3", "--train-file",
          tmp_path / "t2.json", "--test-file", tmp_path / "e2.json")
     assert read(tmp_path / "e2.json") == test  # reproducible
     tool("split_train_test.py", "--in-file", src, "--test-size", "5", "--no-group-parts", "--train-file",
