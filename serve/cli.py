@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     params.stop = loaded.stop_strings
+    # Ctrl-C must stop a reply even when the shell started us with SIGINT ignored (a background job of a
+    # non-interactive shell), where Python would otherwise never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     io = {"simple": SimpleIO, "rich": RichIO, "programmatic": ProgrammaticIO}[args.style](args.multiline)
     if args.style != "programmatic":
         print(f"[{loaded.kind} model from {loaded.source}, template {loaded.template}; !!exit to quit]", flush=True)

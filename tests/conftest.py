@@ -26,3 +26,35 @@ def tiny_llama(tmp_path_factory, tokenizers) -> str:
     from helpers import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizers["smollm2"])
+
+
+CONSTANT_REPLY = "[[A]] 7/10"  # no repeated token: a 2-layer model learns it reliably
+
+
+@pytest.fixture(scope="session")
+def constant_reply_model(tiny_llama, tmp_path_factory) -> tuple[str, str]:
+    """A tiny model trained by train.py to answer CONSTANT_REPLY to any prompt (random word soups of
+    8-90 words, system prompt or not): a deterministic judge for the MT-bench flow (it parses as a score
+    and as a verdict) and a fine-tune whose effect eval.identity can see. Returns (model dir, reply)."""
+    import json
+    import random
+
+    from helpers import run
+
+    d = tmp_path_factory.mktemp("constant-reply")
+    rng = random.Random(0)
+    words = "Q A B Ref answer question user rating the code python rain hello sum what is and who you".split()
+    with open(d / "data.jsonl", "w") as f:
+        for i in range(32):
+            text = " ".join(rng.choice(words) for _ in range(rng.choice([3, 8, 30, 60, 90])))
+            rec = {"id": str(i), "conversations": [{"from": "human", "value": text},
+                                                   {"from": "gpt", "value": CONSTANT_REPLY}]}
+            if i % 2:
+                rec["system"] = "Grade it."
+            f.write(json.dumps(rec) + "\n")
+    out = d / "model"
+    run("train.py", ["--model_name_or_path", tiny_llama, "--data_path", str(d / "data.jsonl"), "--output_dir", str(out),
+                     "--template", "chatml", "--num_train_epochs", "15", "--learning_rate", "5e-3",
+                     "--per_device_train_batch_size", "8", "--save_strategy", "no", "--model_max_length", "512",
+                     "--seed", "1"])
+    return str(out), CONSTANT_REPLY

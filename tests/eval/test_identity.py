@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ENV, ROOT, run
+from helpers import ENV, ROOT
 
 from eval.identity import DEFAULT_SPEC, load_spec, score_answer
 
@@ -33,22 +33,15 @@ def test_spec_validation(tmp_path):
 
 
 @pytest.mark.slow
-def test_before_and_after_fine_tuning(tiny_llama, tmp_path):
-    answer = "I am Zed-Test, made by Acme."
-    questions = ["Who are you?", "What is your name?", "Introduce yourself.", "Who made you?", "Your name?",
-                 "Tell me about yourself.", "Which assistant is this?", "Who built you?"]
-    data = tmp_path / "identity.jsonl"
-    data.write_text("".join(json.dumps({"id": str(i), "conversations": [
-        {"from": "human", "value": q}, {"from": "gpt", "value": answer}]}) + "\n" for i, q in enumerate(questions * 2)))
+def test_before_and_after_fine_tuning(tiny_llama, constant_reply_model, tmp_path):
+    """The random base knows nothing; the model fine-tuned (by train.py) to always answer one sentence
+    states it for held-out questions, well formed (ended by its end-of-turn, no markup)."""
+    model, reply = constant_reply_model
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"items": [{"question": "Please tell me who you are.", "expect": ["Zed-Test"]},
-                                          {"question": "What are you called?", "expect": ["zed-test", "acme"]}]}))
-    out = tmp_path / "tuned"
-    run("train.py", ["--model_name_or_path", tiny_llama, "--data_path", str(data), "--output_dir", str(out),
-                     "--template", "chatml", "--num_train_epochs", "25", "--learning_rate", "1e-2",
-                     "--per_device_train_batch_size", "8", "--save_strategy", "no", "--seed", "1"])
+    spec.write_text(json.dumps({"items": [{"question": "Please tell me who you are.", "expect": ["[[A]]"]},
+                                          {"question": "What are you called?", "expect": ["[[a]]", "7/10"]}]}))
     scores = {}
-    for name, args in (("before", [tiny_llama, "--conv-template", "chatml"]), ("after", [str(out)])):
+    for name, args in (("before", [tiny_llama, "--conv-template", "chatml"]), ("after", [model])):
         report = tmp_path / f"{name}.json"
         proc = subprocess.run([sys.executable, "-m", "eval.identity", "--model-path", *args, "--spec", str(spec),
                                "--max-new-tokens", "24", "--output", str(report)], capture_output=True, text=True,
@@ -57,4 +50,4 @@ def test_before_and_after_fine_tuning(tiny_llama, tmp_path):
         scores[name] = json.loads(report.read_text())
     assert scores["before"]["correct"] == 0
     assert scores["after"]["correct"] == scores["after"]["well_formed"] == 2
-    assert scores["after"]["items"][0]["answer"] == answer
+    assert scores["after"]["items"][0]["answer"] == reply

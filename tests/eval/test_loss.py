@@ -125,3 +125,14 @@ def test_matches_training_eval_loss_and_is_rank_independent(tiny_llama, tmp_path
             assert two["per_turn"].keys() == figures["per_turn"].keys()
             for k in figures["per_turn"]:
                 assert two["per_turn"][k]["loss"] == pytest.approx(figures["per_turn"][k]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_gguf_model(heldout, tmp_path):
+    """A .gguf model (the SmolLM2 asset, dequantized once) with its own chat template."""
+    out = tmp_path / "l.json"
+    proc = _loss("--model-path", "asset:smollm2", "--data", str(heldout), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["template"] == "tokenizer" and 0 < figures["overall"]["loss"] < 10  # a trained model, not random
+    assert figures["per_turn"]["1"]["conversations"] == 3

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
 import pytest
-from helpers import ENV, ROOT, run, start_server
+from helpers import ENV, ROOT, start_server
 
 from eval.mtbench import (
     DEFAULT_JUDGE_PROMPTS,
@@ -95,7 +94,6 @@ PROMPTS = [
                                     "{answer_a_2}\nQ2: {question_2}\nB: {answer_b_1} / {answer_b_2}"),
     ]
 ]
-VERDICT = "Score [[7]], winner [[A]]."  # parses as a single score and as a pairwise verdict
 
 
 def _py(module: str, *args: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
@@ -106,27 +104,10 @@ def _py(module: str, *args: str, check: bool = True, cwd=None) -> subprocess.Com
     return proc
 
 
-@pytest.fixture(scope="module")
-def judge_model(tiny_llama, tmp_path_factory):
-    """A tiny model trained (by train.py) to always answer VERDICT: a deterministic judge for the flow."""
-    d = tmp_path_factory.mktemp("judge")
-    rng = random.Random(0)
-    words = "Q A B Ref answer question user rating the code python rain hello sum what is and".split()
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(32):
-            text = " ".join(rng.choice(words) for _ in range(rng.choice([8, 30, 60, 90])))
-            f.write(json.dumps({"id": str(i), "system": "Grade it.", "conversations": [
-                {"from": "human", "value": text}, {"from": "gpt", "value": VERDICT}]}) + "\n")
-    out = d / "model"
-    run("train.py", ["--model_name_or_path", tiny_llama, "--data_path", str(d / "data.jsonl"), "--output_dir", str(out),
-                     "--template", "chatml", "--num_train_epochs", "20", "--learning_rate", "1e-2",
-                     "--per_device_train_batch_size", "8", "--save_strategy", "no", "--model_max_length", "512",
-                     "--seed", "1"])
-    return out
-
-
 @pytest.mark.slow
-def test_answers_judging_and_results_end_to_end(tiny_llama, judge_model, tmp_path):
+def test_answers_judging_and_results_end_to_end(tiny_llama, constant_reply_model, tmp_path):
+    judge_model, reply = constant_reply_model
+    assert parse_score(reply) == 7.0 and parse_verdict(reply) == "A"  # a deterministic judge for the flow
     qfile = tmp_path / "question.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     pfile = tmp_path / "judge_prompts.jsonl"
@@ -148,6 +129,14 @@ def test_answers_judging_and_results_end_to_end(tiny_llama, judge_model, tmp_pat
     assert [len(base[q]["choices"][0]["turns"]) for q in (1, 2, 3)] == [2, 2, 1]
     assert all(base[q]["model_id"] == "base" for q in base)
     _py("eval.gen_answers", "--model-path", str(judge_model), "--model-id", "tuned", *gen)
+    # per-category temperature: math is greedy (same answer whatever the seed), writing samples at 0.7
+    other = tmp_path / "other"
+    for seed in ("1", "2"):
+        _py("eval.gen_answers", "--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", f"s{seed}",
+            "--questions", str(qfile), "--answer-dir", str(other), "--max-new-tokens", "6", "--seed", seed,
+            "--question-end", "2")
+    s1, s2 = load_answer_file(other / "s1.jsonl"), load_answer_file(other / "s2.jsonl")
+    assert s1[2]["choices"] == s2[2]["choices"] and s1[1]["choices"] != s2[1]["choices"]
     out = _py("eval.gen_answers", "--model-path", str(judge_model), "--model-id", "tuned", *gen)
     assert "0 to go" in out.stdout
 

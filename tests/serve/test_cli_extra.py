@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import ENV, ROOT, common, run
+from helpers import ENV, ROOT, common, make_tiny_llama, run
 
 from serve.cli import trim_to_context
 from serve.loading import LoadedModel
@@ -70,15 +70,18 @@ def test_rich_style_in_a_terminal(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_reply_only(tiny_llama, tmp_path):
-    """A real SIGINT while a long greedy reply streams: that reply ends, the chat goes on, !!exit works."""
+def test_ctrl_c_stops_the_reply_only(tokenizers, tmp_path):
+    """A real SIGINT while a long greedy reply streams: that reply ends, the chat goes on, !!exit works.
+    The model has a long context and may write 30,000 tokens, so a reply cannot finish before the signal
+    lands however slowly this test process reads."""
     import queue
     import signal
     import threading
+    model = make_tiny_llama(tmp_path / "long-context", tokenizers["smollm2"], context=32768)
 
     end = " __END_OF_A_MESSAGE_47582648__"
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "--model-path", tiny_llama, "--conv-template", "chatml",
-                             "--style", "programmatic", "--temperature", "0", "--max-new-tokens", "900"],
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "--model-path", model, "--conv-template", "chatml",
+                             "--style", "programmatic", "--temperature", "0", "--max-new-tokens", "30000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
                             bufsize=0)
     chunks: queue.Queue[bytes] = queue.Queue()
@@ -107,7 +110,7 @@ def test_ctrl_c_stops_the_reply_only(tiny_llama, tmp_path):
         wait_for(b"[reply interrupted]")
         proc.stdin.write(f"second message{end}\n".encode())
         wait_for(b"[!OP:ASSISTANT]: ", times=2)
-        proc.send_signal(signal.SIGINT)  # also stops the second reply (greedy: it would run to 900 tokens)
+        proc.send_signal(signal.SIGINT)  # also stops the second reply
         wait_for(b"[reply interrupted]", times=2)
         proc.stdin.write(f"!!exit{end}\n".encode())
         proc.stdin.close()
