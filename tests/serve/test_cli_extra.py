@@ -123,17 +123,23 @@ def test_ctrl_c_stops_the_reply_only(tokenizers, tmp_path):
     assert "Traceback" not in text
 
 
+@pytest.fixture(scope="module")
+def lora_output(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    run("train.py", common(tiny_llama, out, max_steps=1, per_device_train_batch_size=2, save_strategy="no", lora=True))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_serving_of_full_and_adapter_outputs(tiny_llama, tmp_path, bits):
+def test_quantized_serving_of_full_and_adapter_outputs(tiny_llama, lora_output, bits):
     """--load-4bit/--load-8bit (bitsandbytes, CPU backend here): layers are quantized, logits stay close to
     the full-precision ones, and the CLI chats with the quantized adapter model."""
     import torch
 
     from serve.loading import load_for_chat
 
-    out = tmp_path / "lora"
-    run("train.py", common(tiny_llama, out, max_steps=1, per_device_train_batch_size=2, save_strategy="no", lora=True))
+    out = lora_output
     ref = load_for_chat(str(out))
     quant = load_for_chat(str(out), load_4bit=bits == 4, load_8bit=bits == 8)
     assert quant.kind == "adapter" and quant.template == ref.template
