@@ -25,7 +25,7 @@ class ToolError(ValueError):
 def read_records(paths) -> list[Row]:
     """Every row of the input files; a row that cannot be parsed stops the tool, naming file and line."""
     try:
-        rows = list(read_rows(paths))
+        rows = list(progress(read_rows(paths), "reading"))
     except (OSError, ValueError) as e:
         raise ToolError(str(e)) from None
     for row in rows:
