@@ -86,6 +86,7 @@ def make_matches(questions: list[dict], answers: dict[str, dict], mode: str, pro
         groups = list(itertools.combinations(answers, 2))
     kind = "single" if mode == "single" else "pairwise"
     matches, notes = [], []
+    missing_by_model: dict[str, list] = {}
     for q in questions:
         qid = q["question_id"]
         ref = refs.get(qid)
@@ -95,7 +96,10 @@ def make_matches(questions: list[dict], answers: dict[str, dict], mode: str, pro
         for models in groups:
             missing = [m for m in models if qid not in answers[m]]
             if missing:
-                notes.append(f"question {qid}: no answer from {', '.join(missing)}")
+                for m in missing:
+                    missing_by_model.setdefault(m, [])
+                    if qid not in missing_by_model[m]:
+                        missing_by_model[m].append(qid)
                 continue
             model_turns = tuple(answers[m][qid]["choices"][0]["turns"] for m in models)
             for turn in range(1, min(len(q["turns"]), *(len(t) for t in model_turns)) + 1):
@@ -103,6 +107,9 @@ def make_matches(questions: list[dict], answers: dict[str, dict], mode: str, pro
                     break
                 prompt = pick_prompt(prompts, kind, turn, needs_ref and ref is not None)
                 matches.append(Match(q, turn, prompt, models, model_turns, ref if needs_ref else None))
+    for m, qids in missing_by_model.items():
+        shown = ", ".join(map(str, qids[:10])) + (" ..." if len(qids) > 10 else "")
+        notes.append(f"{m}: no answer to {len(qids)} question(s) ({shown}); those are not judged")
     return matches, notes
 
 
@@ -216,6 +223,8 @@ def parse_args(argv):
     p.add_argument("--max-retries", type=int, default=3, help="client retries on connection errors, 429 and 5xx")
     p.add_argument("--parse-retries", type=int, default=2, help="new samples when a reply has no score/verdict")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--question-begin", type=int, help="index of the first question (as gen_answers)")
+    p.add_argument("--question-end", type=int, help="index after the last question")
     p.add_argument("--first-n", type=int, help="judge only the first N matches (debugging)")
     args = p.parse_args(argv)
     if args.mode == "pairwise-baseline" and not args.baseline_model:
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if models and args.baseline_model and args.baseline_model not in models:
         models = [*models, args.baseline_model]
     try:
-        questions = load_questions(args.questions)
+        questions = load_questions(args.questions, args.question_begin, args.question_end)
         answers = load_answers(args.answer_dir, models)
         if args.baseline_model and args.baseline_model not in answers:
             raise FormatError(f"--baseline-model {args.baseline_model}: no answers in {args.answer_dir}")

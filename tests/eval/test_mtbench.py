@@ -213,3 +213,27 @@ def _fastchat_llm_judge():
         except ImportError:
             sys.modules[name] = types.ModuleType(name)
     return importlib.import_module("fastchat.llm_judge.common")
+
+
+def test_matches_references_missing_answers_and_swapped_rendering():
+    from eval.judge import make_matches, render
+
+    prompts = {p["name"]: p for p in PROMPTS}
+    answers = {m: {q["question_id"]: {"choices": [{"turns": [f"{m}-{q['question_id']}-{t}" for t in range(len(q["turns"]))]}]}
+                   for q in QUESTIONS if not (m == "c" and q["question_id"] == 2)} for m in ("a", "b", "c")}
+    refs = {2: ["5", "20"]}
+    single, notes = make_matches(QUESTIONS, answers, "single", prompts, refs, None)
+    assert len(single) == 3 * 5 - 2 and notes == [
+        "question 3 (coding): no reference answer, judged with the general prompt",
+        "c: no answer to 1 question(s) (2); those are not judged"]
+    pairs, _ = make_matches(QUESTIONS, answers, "pairwise-all", prompts, refs, None)
+    assert {m.models for m in pairs} == {("a", "b"), ("a", "c"), ("b", "c")} and len(pairs) == 5 + 3 + 3
+    math_turn2 = next(m for m in pairs if m.models == ("a", "b") and m.question["question_id"] == 2 and m.turn == 2)
+    assert math_turn2.prompt["name"] == "pair-math-v1-multi-turn"
+    text, swapped = render(math_turn2), render(math_turn2, swap=True)
+    assert text.startswith("Ref: 5 20") and "A: a-2-0 / a-2-1" in text and "B: b-2-0 / b-2-1" in text
+    assert "A: b-2-0 / b-2-1" in swapped and "B: a-2-0 / a-2-1" in swapped
+    baseline, _ = make_matches(QUESTIONS, answers, "pairwise-baseline", prompts, {}, "a")
+    assert {m.models for m in baseline} == {("b", "a"), ("c", "a")}
+    _, notes = make_matches(QUESTIONS, answers, "single", prompts, {}, None)
+    assert "question 2 (math): no reference answer, judged with the general prompt" in notes
