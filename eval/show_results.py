@@ -57,6 +57,8 @@ def pairwise_table(records: list[dict], baseline: str | None, models: list[str] 
         pair = (r["model_1"], r["model_2"])
         if models and not all(m in models or m == baseline for m in pair):
             continue
+        if baseline and baseline not in pair:  # the file may also hold pairwise-all games
+            continue
         if is_error(r):
             for m in pair:
                 stats[m]["errors"] += 1
