@@ -2,7 +2,8 @@
 
     python scripts/clean_sharegpt.py --in-file sharegpt_html.json --out-file sharegpt_clean.json
 
-Per conversation: HTML turns → markdown (markdownify); code blocks repaired (the web UI's
+Per conversation: replies rendered as HTML by the web UI (starting with a block element) → markdown
+(markdownify; `--no-html` skips this); code blocks repaired (the web UI's
 "<lang>Copy code" header becomes a fenced ```lang block, unbalanced fences are closed); roles normalized
 (human/user → human, gpt/chatgpt/bard/bing/assistant → gpt); leading assistant turns and a trailing
 unanswered human turn are removed; roles must then strictly alternate. Dropped, with the reason
@@ -24,8 +25,9 @@ from data.records import Tally, add_io_args, progress, read_records, record_id, 
 
 HUMAN = {"human", "user"}
 GPT = {"gpt", "chatgpt", "bard", "bing", "assistant", "model"}
-HTML_TAG = re.compile(r"</?(p|div|pre|code|br|ol|ul|li|span|table|tr|td|th|h[1-6]|strong|em|b|i|a|img|blockquote)\b[^>]*>",
-                      re.I)
+# A reply rendered by the chat web UI starts with a block element; only those are converted, so text that
+# merely talks about HTML ("what does <div> do?") is left alone.
+RENDERED_HTML = re.compile(r"\s*<(div|p|pre|ol|ul|table|h[1-6]|blockquote)\b[^>]*>", re.I)
 # After conversion, the ChatGPT web UI's code header shows up as "```\npythonCopy code\n..." or
 # "```\nCopy code\n...": turn it into a language-tagged fence.
 COPY_CODE = re.compile(r"```[ \t]*\n?[ \t]*([\w+#.-]*?)[ \t]*(?:Copy code)+[ \t]*\n*")
@@ -47,7 +49,8 @@ def repair_code_blocks(text: str) -> tuple[str, int]:
     return fixed, n
 
 
-def clean_record(rec: dict, min_reply_chars: int, min_turns: int, tally: Tally) -> tuple[dict | None, str | None]:
+def clean_record(rec: dict, min_reply_chars: int, min_turns: int, tally: Tally,
+                 html: bool = True) -> tuple[dict | None, str | None]:
     turns = rec.get("conversations")
     if not isinstance(turns, list):
         return None, "not a ShareGPT record (no 'conversations' list)"
@@ -67,7 +70,7 @@ def clean_record(rec: dict, min_reply_chars: int, min_turns: int, tally: Tally) 
         else:
             return None, f"unknown role {t['from']!r}"
         value = t["value"]
-        if HTML_TAG.search(value):
+        if html and role == "gpt" and RENDERED_HTML.match(value):
             value = html_to_markdown(value)
             tally.fixed["HTML converted to markdown"] += 1
         value, repairs = repair_code_blocks(value)
@@ -103,12 +106,13 @@ def main() -> int:
     add_io_args(p)
     p.add_argument("--min-reply-chars", type=int, default=2, help="drop conversations with a shorter reply")
     p.add_argument("--min-turns", type=int, default=2, help="drop conversations with fewer turns (after cleaning)")
+    p.add_argument("--no-html", action="store_true", help="leave HTML as it is (the data is not a web-UI dump)")
     args = p.parse_args()
     rows = read_records(args.in_file)
     tally = Tally("clean_sharegpt", read=len(rows))
     kept, ids, contents = [], set(), set()
     for row in progress(rows, "cleaning"):
-        rec, reason = clean_record(row.value, args.min_reply_chars, args.min_turns, tally)
+        rec, reason = clean_record(row.value, args.min_reply_chars, args.min_turns, tally, not args.no_html)
         if reason:
             tally.drop(reason, where(row))
             continue

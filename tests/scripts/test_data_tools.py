@@ -38,7 +38,7 @@ def conv(cid, *turns, **extra) -> dict:
 def test_clean_sharegpt(tmp_path):
     html = ('<div><p>Use <code>print</code>:</p><pre><div><div><span>python</span><button>Copy code</button></div>'
             '<div><code class="language-python">print("hi")\n</code></div></div></pre></div>')
-    raw = write(tmp_path / "raw.json", [
+    raw_records = [
         conv("1", "How do I print?", html),
         {"id": "2", "conversations": [{"from": "gpt", "value": "Hello"}, {"from": "user", "value": "hi"},
                                       {"from": "chatgpt", "value": "Hi there!"}, {"from": "human", "value": "bye"}]},
@@ -50,17 +50,20 @@ def test_clean_sharegpt(tmp_path):
         conv("6", "question", "k"),
         {"id": "7", "messages": []},
         conv("8", "Fix this:", "```\npythonCopy code\nx = 1\n"),
-    ])
+        conv("9", "What does <b>bold</b> do in <div> tags?", "It makes text bold; `<b>` is an inline tag."),
+    ]
+    raw = write(tmp_path / "raw.json", raw_records)
     out = tmp_path / "clean.json"
     proc = tool("clean_sharegpt.py", "--in-file", raw, "--out-file", out, "--report", tmp_path / "r.json")
     kept = {r["id"]: r for r in read(out)}
-    assert sorted(kept) == ["1", "2", "8"]
+    assert sorted(kept) == ["1", "2", "8", "9"]
+    assert kept["9"]["conversations"] == raw_records[-1]["conversations"]  # talk about HTML is not converted
     reply = kept["1"]["conversations"][1]["value"]
     assert "<" not in reply and "Use `print`:" in reply and '```python\nprint("hi")\n```' in reply
     assert [t["from"] for t in kept["2"]["conversations"]] == ["human", "gpt"]  # leading gpt and trailing human gone
     assert kept["8"]["conversations"][1]["value"] == "```python\nx = 1\n```"  # header fixed, fence closed
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["read"] == 9 and report["kept"] == 3
+    assert report["read"] == 10 and report["kept"] == 4
     assert report["dropped"] == {"duplicate id": 1, "duplicate content": 1, "roles do not alternate human/gpt": 1,
                                  "empty turn": 1, "reply shorter than 2 characters": 1,
                                  "not a ShareGPT record (no 'conversations' list)": 1}
