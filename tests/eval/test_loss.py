@@ -102,7 +102,8 @@ def test_bad_records_are_named_or_skipped_and_counted(tiny_llama, heldout, tmp_p
 @pytest.mark.slow
 def test_matches_training_eval_loss_and_is_rank_independent(tiny_llama, tmp_path):
     """The loss of the exported model equals the eval_loss train.py logged at the last step (same data,
-    same masking and truncation); two ranks give the same figures as one; adapters load too."""
+    same masking and truncation); two ranks give the same figures as one; an adapter and its merged
+    model give the same loss."""
     for mode, extra in (("full", {"save_dtype": "fp32"}), ("lora", {"lora": True})):
         d = tmp_path / mode
         run("train.py", common(tiny_llama, d, max_steps=2, per_device_train_batch_size=2, save_strategy="no",
@@ -115,6 +116,15 @@ def test_matches_training_eval_loss_and_is_rank_independent(tiny_llama, tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         figures = json.loads(single.read_text())
         assert figures["overall"]["loss"] == pytest.approx(eval_loss, rel=1e-4)
+        if mode == "lora":  # the same adapter merged into a standalone model by scripts/merge_lora.py
+            merged = tmp_path / "merged"
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_lora.py"), "--adapter", str(d), "--output",
+                            str(merged), "--dtype", "fp32"], check=True, capture_output=True, env=ENV, cwd=ROOT)
+            proc = _loss("--model-path", str(merged), "--data", DEMO, "--max-length", "96", "--output",
+                         str(tmp_path / "merged.json"))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            merged_loss = json.loads((tmp_path / "merged.json").read_text())["overall"]["loss"]
+            assert merged_loss == pytest.approx(figures["overall"]["loss"], rel=1e-4)
         if mode == "full":
             double = tmp_path / "full-2.json"
             proc = _loss("--model-path", str(d), "--data", DEMO, "--max-length", "96", "--output", str(double), nproc=2)
