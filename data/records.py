@@ -1,7 +1,7 @@
 """What the data tools in scripts/ share: read records keeping their location, write them, convert
 between formats, show progress, and account for every record (kept, fixed, dropped with a reason).
 
-Records stay as the user wrote them (a tool never rewrites fields it does not own); `messages_of`
+Records stay as the user wrote them (a tool never rewrites fields it does not own); `valid_conversations`
 gives the normalized view (data.validate) when a tool needs roles and text.
 """
 
@@ -57,12 +57,32 @@ def record_id(row: Row) -> str:
     return str(rid) if rid is not None else f"{os.path.basename(row.path)}:{row.loc}"
 
 
-def messages_of(row: Row, opts: ValidationOptions | None = None) -> tuple[list[dict] | None, str | None]:
-    """(normalized messages, None) or (None, the validation problem) for any supported format."""
-    rec, problem = normalize_row(row, opts)
-    if problem:
-        return None, f"{problem.rule}: {problem.message}"
-    return rec["messages"], None
+def valid_conversations(rows: list[Row], tally: Tally, opts: ValidationOptions | None = None) -> list[tuple[Row, list[dict]]]:
+    """(row, normalized messages) for the rows that pass training's validation (any supported format);
+    the others are dropped as `invalid (RULE)`, the first of each rule reported with its message."""
+    out = []
+    for row in progress(rows, "validating"):
+        rec, problem = normalize_row(row, opts)
+        if problem:
+            tally.drop(f"invalid ({problem.rule})", f"{where(row)}: {problem.message}")
+        else:
+            out.append((row, rec["messages"]))
+    return out
+
+
+def load_tool_tokenizer(source: str):
+    """The tokenizer named by --tokenizer; a bad name is a ToolError naming the flag."""
+    from data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as e:
+        raise ToolError(f"--tokenizer {source}: {e}") from None
+
+
+def batches(items: list, size: int, desc: str) -> Iterator[list]:
+    """Consecutive chunks of `size` items, with a progress bar counting chunks."""
+    return progress((items[i:i + size] for i in range(0, len(items), size)), desc, total=(len(items) + size - 1) // size)
 
 
 def to_sharegpt(rid: str, messages: list[dict]) -> dict:

@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.records import (
     Tally,
     add_io_args,
-    messages_of,
     progress,
     read_records,
     record_id,
     run_tool,
     to_sharegpt,
+    valid_conversations,
     where,
     write_records,
 )
@@ -54,11 +54,7 @@ def main() -> int:
     rows = read_records(args.in_file)
     tally = Tally("convert", read=len(rows))
     out = []
-    for row in progress(rows, "converting"):
-        msgs, problem = messages_of(row)
-        if problem:
-            tally.drop(f"invalid ({problem.split(':')[0]})", where(row))
-            continue
+    for row, msgs in progress(valid_conversations(rows, tally), "converting"):
         rid = record_id(row)
         if args.to == "sharegpt":
             out.append(to_sharegpt(rid, msgs))

@@ -24,11 +24,11 @@ from data.records import (
     Tally,
     add_io_args,
     conversation_text,
-    messages_of,
     progress,
     read_records,
     record_id,
     run_tool,
+    valid_conversations,
     where,
     write_records,
 )
@@ -70,11 +70,7 @@ def main() -> int:
         from datasketch import MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=args.threshold, num_perm=args.num_perm)
-    for i, row in enumerate(progress(rows, "dedup")):
-        msgs, problem = messages_of(row)
-        if problem:
-            tally.drop(f"invalid ({problem.split(':')[0]})", where(row))
-            continue
+    for i, (row, msgs) in enumerate(progress(valid_conversations(rows, tally), "dedup")):
         rid = record_id(row)
         text = normalize(conversation_text(msgs, roles))
         if args.mode in ("exact", "both"):

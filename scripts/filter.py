@@ -25,10 +25,11 @@ from data.records import (
     ToolError,
     add_io_args,
     conversation_text,
-    messages_of,
+    load_tool_tokenizer,
     progress,
     read_records,
     run_tool,
+    valid_conversations,
     where,
     write_records,
 )
@@ -88,11 +89,7 @@ def main() -> int:
     rows = read_records(args.in_file)
     tally = Tally("filter", read=len(rows))
     survivors = []
-    for row in progress(rows, "filtering"):
-        msgs, problem = messages_of(row, opts)
-        if problem:
-            tally.drop(f"invalid ({problem.split(':')[0]})", where(row))
-            continue
+    for row, msgs in progress(valid_conversations(rows, tally, opts), "filtering"):
         body = [m for m in msgs if m["role"] != "system"]
         text = conversation_text(msgs, roles)
         chars = len(conversation_text(msgs))
@@ -129,12 +126,8 @@ def main() -> int:
 
 def filter_by_tokens(survivors, args, tally: Tally) -> list[dict]:
     from data.tokenize import tokenize_batch
-    from data.tokenizer import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (OSError, ValueError) as e:
-        raise ToolError(f"--tokenizer {args.tokenizer}: {e}") from None
+    tokenizer = load_tool_tokenizer(args.tokenizer)
     results = tokenize_batch([m for _, m in survivors], tokenizer, args.template)
     kept = []
     for (row, _), res in zip(survivors, results):

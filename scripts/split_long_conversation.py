@@ -21,15 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import (
     Tally,
-    ToolError,
     add_io_args,
-    messages_of,
-    progress,
+    batches,
+    load_tool_tokenizer,
     read_records,
     record_id,
     run_tool,
     to_sharegpt,
-    where,
+    valid_conversations,
     write_records,
 )
 from data.templates import TEMPLATE_NAMES
@@ -47,26 +46,14 @@ def main() -> int:
     if args.max_length < 2:
         p.error("--max-length must be >= 2")
     from data.tokenize import split_conversations, tokenize_batch
-    from data.tokenizer import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (OSError, ValueError) as e:
-        raise ToolError(f"--tokenizer {args.tokenizer}: {e}") from None
+    tokenizer = load_tool_tokenizer(args.tokenizer)
     rows = read_records(args.in_file)
     tally = Tally("split_long_conversation", read=len(rows))
-    valid = []
-    for row in rows:
-        msgs, problem = messages_of(row)
-        if problem:
-            tally.drop(problem, where(row))
-        else:
-            valid.append((row, msgs))
+    valid = valid_conversations(rows, tally)
     out, split_parts = [], []
     over = 0  # parts still over the limit: single exchanges that cannot be split at a turn boundary
-    for start in progress(range(0, len(valid), args.batch_size), "splitting",
-                          total=(len(valid) + args.batch_size - 1) // args.batch_size):
-        chunk = valid[start:start + args.batch_size]
+    for chunk in batches(valid, args.batch_size, "splitting"):
         for (row, msgs), (parts, length) in zip(chunk, split_conversations([m for _, m in chunk], tokenizer, args.template,
                                                                  args.max_length)):
             rid = record_id(row)

@@ -18,7 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.records import Tally, ToolError, add_io_args, messages_of, progress, read_records, run_tool, where
+from data.records import (
+    Tally,
+    add_io_args,
+    batches,
+    load_tool_tokenizer,
+    read_records,
+    run_tool,
+    valid_conversations,
+)
 from data.templates import TEMPLATE_NAMES
 
 
@@ -68,26 +76,14 @@ def main() -> int:
     if args.histogram and not args.histogram.lower().endswith(".png"):
         p.error("--histogram must name a .png file")
     from data.tokenize import tokenize_batch
-    from data.tokenizer import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (OSError, ValueError) as e:
-        raise ToolError(f"--tokenizer {args.tokenizer}: {e}") from None
+    tokenizer = load_tool_tokenizer(args.tokenizer)
     rows = read_records(args.in_file)
     tally = Tally("stats", read=len(rows))
-    convs = []
-    for row in rows:
-        msgs, problem = messages_of(row)
-        if problem:
-            tally.drop(f"invalid ({problem.split(':')[0]})", where(row))
-        else:
-            convs.append(msgs)
+    convs = [msgs for _, msgs in valid_conversations(rows, tally)]
     lengths, supervised, turns = [], [], []
     role_tokens = {"system": 0, "user": 0, "assistant": 0, "template": 0}
-    for start in progress(range(0, len(convs), args.batch_size), "tokenizing",
-                          total=(len(convs) + args.batch_size - 1) // args.batch_size):
-        chunk = convs[start:start + args.batch_size]
+    for chunk in batches(convs, args.batch_size, "tokenizing"):
         for msgs, res in zip(chunk, tokenize_batch(chunk, tokenizer, args.template)):
             turns.append(sum(m["role"] != "system" for m in msgs))
             if not res.samples:  # nothing supervised (e.g. every turn train=false)
