@@ -122,7 +122,7 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
             runs.append(("".join(buf), at_start))
             run_span_counts.append(len(buf))
         layouts.append(items)
-    run_base_list = [0, *accumulate(len(t) for t, _ in runs)][:-1]  # where each run starts in the char space
+    run_bases = [0, *accumulate(len(t) for t, _ in runs)][:-1]  # where each run starts in the char space
 
     # Per run, each span's token range comes from the backend's char→token map (no per-token offsets
     # needed): first = token holding the span's first char; last = token holding its last char, or the
@@ -133,7 +133,7 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
     run_labels: list[list[int]] = []
     run_owner: list[list[int]] = []
     k = 0  # index of the run's first span in the span lists
-    for (text, _), encoding, n_spans in zip(runs, encodings, run_span_counts):
+    for run_base, (text, _), encoding, n_spans in zip(run_bases, runs, encodings, run_span_counts):
         ids = encoding.ids
         n = len(ids)
         labels = [IGNORE_INDEX] * n
@@ -141,7 +141,7 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
         c2t = encoding.char_to_token
         length = len(text)
         for j in range(k, k + n_spans):
-            a = span_start[j] - run_base_list[len(run_ids)]
+            a = span_start[j] - run_base
             b = a + span_len[j]
             if b <= a:
                 continue
