@@ -1,10 +1,12 @@
-"""Backends: how a model is wrapped, how gradients are synchronized, and how weights are gathered.
+"""Backends: how a model is built and wrapped, how gradients are synchronized, how weights are gathered.
 
-The recipe only talks to this interface, so FSDP2 and DeepSpeed plug in as further subclasses:
-  prepare(model, optimizer) → wrapped model   | sync_context(last_micro) → context for one micro-batch
-  backward(loss)                              | clip_and_norm(max_norm) → total grad norm (float)
-  step(optimizer)                             | unwrap(model) → the HF/peft model
-  loss_scale                                  | full_state_dict(model) → CPU state dict on rank 0
+The recipe only talks to this interface, so FSDP2 (train/fsdp.py) and DeepSpeed
+(train/deepspeed_backend.py) plug in as further subclasses; train/backend_select.py picks one:
+  build_model(build) → model (meta/partitioned)   | sync_context(last_micro) → context for one micro-batch
+  setup(model, make_optimizer) → wrapped, optim   | backward(loss)
+  clip_and_norm(max_norm) → total grad norm       | step(optimizer) → whether the update was applied
+  unwrap(model) → the HF/peft model               | export_state(model, trainable_only) → CPU dict on rank 0
+  loss_scale                                      | save_state / load_state → resumable checkpoint payload
 `loss_scale` undoes the averaging a backend applies to gradients: our loss is already divided by the
 supervised-token count of the whole step on all ranks (DESIGN.md §3), so DDP's mean over ranks must
 be multiplied back by the world size.
@@ -31,6 +33,14 @@ class Backend:
     @property
     def loss_scale(self) -> float:
         return 1.0
+
+    # DeepSpeed clips, checks gradients for non-finite values and skips the update inside its own step
+    steps_itself = False
+
+    def build_model(self, build):
+        """`build(meta: bool)` makes the model; sharded backends build it so that the full weights are
+        materialized at most once (DESIGN.md §3)."""
+        return build(meta=False)
 
     def prepare(self, model):
         return model
@@ -63,14 +73,19 @@ class Backend:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return float(norm)
 
-    def step(self, optimizer) -> None:
+    def step(self, optimizer) -> bool:
         optimizer.step()
+        return True
 
-    def full_state_dict(self, model) -> dict[str, torch.Tensor] | None:
-        """Full model state on CPU (rank 0 only; other ranks get None)."""
+    def export_state(self, model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        """Final weights on rank 0's CPU (other ranks get None; every rank must call): the full state
+        dict, or only the trainable parameters (a LoRA adapter), in their master precision."""
         if not self.info.is_main:
             return None
-        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+        module = self.unwrap(model)
+        if trainable_only:
+            return {k: p.detach().cpu() for k, p in module.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def save_state(self, directory, model, optimizer) -> None:
         """Resumable weights + optimizer into a checkpoint dir (all ranks call; here rank 0 writes)."""
@@ -98,17 +113,3 @@ class DDPBackend(Backend):
     def sync_context(self, model, last_micro: bool):
         # gradients are all-reduced once per optimizer step, on the last micro-batch
         return contextlib.nullcontext() if last_micro else model.no_sync()
-
-
-def make_backend(info: DistInfo, cfg, hidden_size: int | None = None) -> Backend:
-    if cfg.deepspeed:
-        from train.deepspeed_backend import DeepSpeedBackend, fill_auto, load_ds_config
-
-        return DeepSpeedBackend(info, fill_auto(load_ds_config(cfg.deepspeed), cfg, info.world_size, hidden_size),
-                                cfg.is_peft)
-    if cfg.fsdp:
-        from train.fsdp import FSDPBackend, FSDPSettings
-
-        settings = FSDPSettings.from_flags(cfg.fsdp, cfg.fsdp_transformer_layer_cls_to_wrap, cfg.fsdp_config)
-        return FSDPBackend(info, settings, cfg.bf16, cfg.is_peft)
-    return DDPBackend(info, cfg.is_peft) if info.distributed else Backend(info, cfg.is_peft)

@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from data.templates import TEMPLATE_NAMES
 from data.tokenize import MASKS, OVERFLOW_POLICIES
+from train.sharding_config import ConfigError, FSDPSettings, load_ds_config, load_mapping, zero_stage
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
@@ -166,35 +167,19 @@ class TrainConfig:
             self.lora = True  # QLoRA is LoRA on a quantized base
         need(not (self.fsdp and self.deepspeed), "deepspeed", "and --fsdp are alternatives; pass one")
         if self.deepspeed:
-            from train.deepspeed_backend import DeepSpeedConfigError, load_ds_config, zero_stage
-
-            try:
-                stage = zero_stage(load_ds_config(self.deepspeed))
-            except DeepSpeedConfigError as e:
-                raise ConfigError(str(e)) from None
+            stage = zero_stage(load_ds_config(self.deepspeed))
             need(stage in (0, 1, 2, 3), "deepspeed", f"zero_optimization.stage must be 0-3, got {stage}")
             need(not (self.q_lora and stage == 3), "q_lora", "cannot be combined with ZeRO-3: training runs, but "
                  "DeepSpeed's 16-bit gather returns empty LoRA tensors on a bitsandbytes 4-bit base (deepspeed 0.19.8), "
                  "so the adapter cannot be saved; use ds_configs/zero2.json (or --fsdp) for QLoRA")
-            need(self.max_nonfinite_skips == 0, "max_nonfinite_skips", "is not supported with --deepspeed (the engine "
-                 "owns the accumulation window); a non-finite loss stops the run before the update")
         if self.fsdp:
-            from train.fsdp import FSDPConfigError, FSDPSettings
-
-            try:
-                FSDPSettings.from_flags(self.fsdp, self.fsdp_transformer_layer_cls_to_wrap, self.fsdp_config)
-            except (FSDPConfigError, OSError) as e:
-                raise ConfigError(str(e) if str(e).startswith("--") else f"--fsdp_config: {e}") from None
+            FSDPSettings.from_flags(self.fsdp, self.fsdp_transformer_layer_cls_to_wrap, self.fsdp_config)
 
         need(not (self.use_dora and self.q_lora and self.bits == 8), "use_dora", "is not supported with 8-bit --q_lora")
 
     @property
     def is_peft(self) -> bool:
         return self.lora or self.q_lora
-
-
-class ConfigError(ValueError):
-    pass
 
 
 ALIASES = {"eval_strategy": "evaluation_strategy"}
@@ -233,20 +218,6 @@ def _convert(flag: str, hint, value):
     except (TypeError, ValueError):
         raise ConfigError(f"--{flag} expects {target.__name__}, got {value!r}") from None
     return str(value)
-
-
-def load_mapping(path: str) -> dict:
-    """A YAML (.yaml/.yml) or JSON file holding a mapping (config files, --fsdp_config)."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(f) or {}
-        else:
-            data = json.load(f)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping of flag names to values")
-    return data
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> TrainConfig:

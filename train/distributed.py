@@ -73,12 +73,14 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    """Sum a Python number over ranks (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_reduce_sum(value: float | int | torch.Tensor, device: torch.device) -> float:
+    """Sum a number (or a one-element tensor, read once here) over ranks; identity when not distributed."""
+    if torch.is_tensor(value):
+        t = value.detach().to(device=device, dtype=torch.float64).reshape(1).clone()
+    else:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
     return t.item()
 
 

@@ -5,17 +5,27 @@ reshards after forward; `"shard_grad_op auto_wrap"` keeps parameters gathered be
 backward (ZeRO-2-like). Each decoder layer (`--fsdp_transformer_layer_cls_to_wrap`, default: detected
 from the model) is its own unit, then the root. bf16 uses `MixedPrecisionPolicy` (fp32 gradient
 reduction unless `reduce_dtype` says otherwise); `offload` uses `CPUOffloadPolicy` (no pinned memory on
-CPU). Final weights are gathered with `get_model_state_dict(full_state_dict=True, cpu_offload=True)`,
-so only rank 0 ever holds a full copy, on CPU. Resumable checkpoints are sharded with
-`torch.distributed.checkpoint` and can be loaded with a different world size.
+CPU).
+
+Load once, shard early (DESIGN.md §3): every rank builds the model on the meta device and shards it;
+only rank 0 loads the real weights, which are broadcast tensor by tensor into the other ranks' shards
+(`set_model_state_dict(..., broadcast_from_rank0=True)`). Buffers are not in that broadcast when they
+are non-persistent (rotary `inv_freq`): after `to_empty()` they hold garbage, so they are broadcast from
+rank 0's loaded model too. QLoRA is the exception: bitsandbytes quantizes tensor by tensor while
+loading, so each rank builds its own 4-bit model (~1/8 of the fp32 size) and FSDP shards that.
+
+Final weights are gathered with `get_model_state_dict(full_state_dict=True, cpu_offload=True)` — for
+LoRA only the trainable parameters — so only rank 0 ever holds a copy, on CPU. Resumable checkpoints
+are sharded with `torch.distributed.checkpoint` (frozen weights excluded for LoRA) and can be loaded
+with a different world size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -29,53 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from train.backends import Backend
 from train.distributed import DistInfo
-
-FSDP_OPTIONS = {"full_shard", "shard_grad_op", "auto_wrap", "offload"}
-
-
-class FSDPConfigError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class FSDPSettings:
-    reshard_after_forward: bool = True
-    offload: bool = False
-    layer_classes: tuple[str, ...] = ()
-    reduce_dtype: str = "fp32"  # gradient reduction dtype under bf16: fp32 (default) or bf16
-
-    @classmethod
-    def from_flags(cls, fsdp: str, layer_cls: str | None, config_path: str | None) -> FSDPSettings:
-        words = fsdp.split()
-        unknown = [w for w in words if w not in FSDP_OPTIONS]
-        if unknown:
-            raise FSDPConfigError(f"--fsdp: unknown option(s) {unknown}; use 'full_shard auto_wrap [offload]' or "
-                                  "'shard_grad_op auto_wrap'")
-        if "full_shard" in words and "shard_grad_op" in words:
-            raise FSDPConfigError("--fsdp: choose one of full_shard and shard_grad_op")
-        if not ({"full_shard", "shard_grad_op"} & set(words)):
-            raise FSDPConfigError("--fsdp must name full_shard or shard_grad_op")
-        extra: dict = {}
-        if config_path:
-            extra = _load(config_path)
-        layer = layer_cls or extra.get("transformer_layer_cls_to_wrap") or extra.get("fsdp_transformer_layer_cls_to_wrap")
-        layers = tuple(layer if isinstance(layer, list) else [c.strip() for c in layer.split(",")]) if layer else ()
-        reduce_dtype = extra.get("reduce_dtype", "fp32")
-        if reduce_dtype not in ("fp32", "bf16"):
-            raise FSDPConfigError(f"--fsdp_config: reduce_dtype must be fp32 or bf16, got {reduce_dtype!r}")
-        unknown_keys = set(extra) - {"transformer_layer_cls_to_wrap", "fsdp_transformer_layer_cls_to_wrap", "reduce_dtype"}
-        if unknown_keys:
-            raise FSDPConfigError(f"--fsdp_config: unknown key(s) {sorted(unknown_keys)}")
-        return cls("shard_grad_op" not in words, "offload" in words, layers, reduce_dtype)
-
-
-def _load(path: str) -> dict:
-    from train.config import ConfigError, load_mapping
-
-    try:
-        return load_mapping(path)
-    except ConfigError as e:
-        raise FSDPConfigError(f"--fsdp_config {e}") from None
+from train.sharding_config import FSDPConfigError, FSDPSettings
 
 
 def decoder_layer_classes(model, names: tuple[str, ...]) -> tuple[type, ...]:
@@ -96,14 +60,23 @@ def decoder_layer_classes(model, names: tuple[str, ...]) -> tuple[type, ...]:
 class FSDPBackend(Backend):
     name = "fsdp"
 
-    def __init__(self, info: DistInfo, settings: FSDPSettings, bf16: bool, is_peft: bool):
+    def __init__(self, info: DistInfo, settings: FSDPSettings, bf16: bool, is_peft: bool, quantized: bool = False):
         super().__init__(info, is_peft)
         self.settings = settings
         self.bf16 = bf16
+        self.quantized = quantized
+        self._source = None  # rank 0's loaded model while the shards are filled from it
 
     @property
     def loss_scale(self) -> float:
         return float(self.info.world_size)  # FSDP averages gradients over ranks
+
+    def build_model(self, build):
+        if self.quantized:
+            return build(meta=False)
+        if self.info.is_main:
+            self._source = build(meta=False)
+        return build(meta=True)
 
     def prepare(self, model):
         kwargs: dict = {"reshard_after_forward": self.settings.reshard_after_forward}
@@ -117,7 +90,26 @@ class FSDPBackend(Backend):
             if isinstance(module, classes):
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        if not self.quantized:
+            self._fill_shards_from_rank0(model)
         return model
+
+    @torch.no_grad()
+    def _fill_shards_from_rank0(self, model) -> None:
+        """Allocate this rank's shards, then copy rank 0's loaded weights and buffers into them."""
+        device = torch.device("cpu") if self.settings.offload else self.info.device
+        model.to_empty(device=device)
+        source = self._source
+        full = source.state_dict() if source is not None else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        source_buffers = dict(source.named_buffers()) if source is not None else {}
+        for name, buf in model.named_buffers():  # non-persistent ones (rotary inv_freq) are not in the state dict
+            if self.info.is_main:
+                buf.copy_(source_buffers[name])
+            if dist.is_initialized() and self.info.distributed:
+                dist.broadcast(buf, src=0)
+        self._source = None
 
     def sync_context(self, model, last_micro: bool):
         model.set_requires_gradient_sync(last_micro)
@@ -132,22 +124,35 @@ class FSDPBackend(Backend):
             norm = norm.full_tensor()
         return float(norm)
 
-    def full_state_dict(self, model):
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if self.info.is_main else None
+    @torch.no_grad()
+    def export_state(self, model, trainable_only: bool):
+        if not trainable_only:
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.info.is_main else None
+        out = {}
+        for name, param in model.named_parameters():  # all-gather each adapter tensor, nothing else
+            if param.requires_grad:
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                if self.info.is_main:
+                    out[name] = full.detach().cpu().clone()
+        return out if self.info.is_main else None
 
     # resumable, sharded: model + optimizer through DCP (resharded on load if the world size changed)
-    def save_state(self, directory: Path, model, optimizer) -> None:
-        options = StateDictOptions(ignore_frozen_params=self.is_peft)
-        state = {"model": get_model_state_dict(model, options=options),
-                 "optim": get_optimizer_state_dict(model, optimizer, options=options)}
-        dcp.save(state, checkpoint_id=str(directory / "dcp"))
-
-    def load_state(self, directory: Path, model, optimizer) -> None:
+    def _resumable_state(self, model, optimizer) -> tuple[dict, StateDictOptions]:
         options = StateDictOptions(ignore_frozen_params=self.is_peft, strict=not self.is_peft)
         state = {"model": get_model_state_dict(model, options=options),
                  "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+        if self.is_peft:  # a tied frozen weight (lm_head = embeddings) escapes ignore_frozen_params
+            trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+            state["model"] = {k: v for k, v in state["model"].items() if k in trainable}
+        return state, options
+
+    def save_state(self, directory: Path, model, optimizer) -> None:
+        state, _ = self._resumable_state(model, optimizer)
+        dcp.save(state, checkpoint_id=str(directory / "dcp"))
+
+    def load_state(self, directory: Path, model, optimizer) -> None:
+        state, options = self._resumable_state(model, optimizer)
         dcp.load(state, checkpoint_id=str(directory / "dcp"))
         set_model_state_dict(model, state["model"], options=options)
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
-

@@ -61,28 +61,38 @@ def token_loss_sum(model, batch: dict, device: torch.device, bf16: bool) -> torc
 
 def accumulate_gradients(model, batches: list[dict], backend: Backend, info: DistInfo, bf16: bool) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches; returns (step loss, supervised tokens), both
-    global over ranks. Each micro-batch's token-loss sum is divided by the step's global token count."""
+    global over ranks. Each micro-batch's token-loss sum is divided by the step's global token count.
+    The loss sum stays on the device until the step's single all-reduce (no host sync per micro-batch)."""
     n_sup = int(all_reduce_sum(sum(num_supervised(b) for b in batches), info.device))
-    loss_sum_local = 0.0
+    loss_sum_local = torch.zeros((), dtype=torch.float64, device=info.device)
     for k, batch in enumerate(batches):
         with backend.sync_context(model, last_micro=k == len(batches) - 1):
             loss_sum = token_loss_sum(model, batch, info.device, bf16)
             backend.backward(loss_sum * (backend.loss_scale / max(n_sup, 1)))
-        loss_sum_local += loss_sum.item()
+        loss_sum_local += loss_sum.detach().double()
     return all_reduce_sum(loss_sum_local, info.device) / max(n_sup, 1), n_sup
 
 
 @torch.no_grad()
 def evaluate(model, samples, collate: Callable, cfg: TrainConfig, info: DistInfo) -> dict:
-    """Streaming held-out loss over assistant tokens: per batch, sum and count; no logits are kept."""
+    """Streaming held-out loss over assistant tokens: per batch, sum and count; no logits are kept.
+
+    Every rank runs the same number of forward calls: a sharded model's forward is collective (FSDP2
+    all-gathers, ZeRO-3 gathers parameters), so a rank with fewer eval batches than another would leave
+    it waiting forever. Such a rank runs zero-weight forwards on one of the samples instead."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     indices = list(range(info.rank, len(samples), info.world_size))
-    for i in range(0, len(indices), cfg.per_device_eval_batch_size):
-        batch = collate([[samples[j]] for j in indices[i:i + cfg.per_device_eval_batch_size]])
-        total[0] += token_loss_sum(model, batch, info.device, cfg.bf16).double()
-        total[1] += num_supervised(batch)
+    size = cfg.per_device_eval_batch_size
+    n_batches = int(all_reduce_max(math.ceil(len(indices) / size), info.device))
+    for b in range(n_batches):
+        chunk = indices[b * size:(b + 1) * size]
+        batch = collate([[samples[j]] for j in (chunk or [0])])
+        loss_sum = token_loss_sum(model, batch, info.device, cfg.bf16).double()
+        if chunk:
+            total[0] += loss_sum
+            total[1] += num_supervised(batch)
     if info.distributed:
         torch.distributed.all_reduce(total)
     if was_training:
@@ -121,8 +131,20 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
         micro = [stream.next()[1] for _ in range(cfg.gradient_accumulation_steps)]
         batches = [collate([[samples[i] for i in unit] for unit in units]) for units in micro]
         loss, n_sup = accumulate_gradients(model, batches, backend, info, cfg.bf16)
-        grad_norm = backend.clip_and_norm(model, cfg.max_grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if backend.steps_itself:  # DeepSpeed: the engine clips and discards a non-finite update itself
+            applied = backend.step(optimizer)
+            grad_norm = backend.grad_norm_after_step()
+            grad_norm = float("nan") if grad_norm is None else grad_norm
+            if applied and not math.isfinite(loss):
+                raise NonFiniteError(f"non-finite loss at step {state.step + 1} (loss={loss}) but the DeepSpeed engine "
+                                     f"applied the update (grad_norm={grad_norm}); stopping. Last checkpoint: "
+                                     f"{state.last_checkpoint or 'none'}.")
+        else:
+            grad_norm = backend.clip_and_norm(model, cfg.max_grad_norm)
+            applied = math.isfinite(loss) and math.isfinite(grad_norm)
+            if applied:
+                backend.step(optimizer)
+        if not applied:
             backend.zero_grad(optimizer)
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             if state.nonfinite_skips < cfg.max_nonfinite_skips:
@@ -134,11 +156,8 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
                 f"non-finite {what} at step {state.step + 1} (loss={loss}, grad_norm={grad_norm}); stopped before the "
                 f"optimizer update, so no weights were changed. Last checkpoint: {state.last_checkpoint or 'none'}. "
                 "Lower --learning_rate, check the data, or allow skips with --max_nonfinite_skips N.")
-        backend.step(optimizer)
         scheduler.step()
         backend.zero_grad(optimizer)
-        reported = backend.grad_norm_after_step()
-        grad_norm = grad_norm if reported is None else reported
         state.step += 1
         state.sampler = stream.state
         step_tokens = all_reduce_sum(sum(int(b["num_tokens"]) for b in batches), info.device)

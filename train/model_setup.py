@@ -9,18 +9,29 @@ from train.distributed import DistInfo, print0
 from train.modeling import disable_avx512bf16_repack, flash_attn_available, load_causal_lm, resolve_model_dir
 
 
-def attention_implementation(cfg: TrainConfig) -> str:
+def attention_implementation(cfg: TrainConfig, announce: bool = True) -> str:
     if cfg.flash_attn:
         if flash_attn_available():
             return "flash_attention_2"
-        print0("[model] flash-attn is not available (needs the `gpu` extra and CUDA); using PyTorch SDPA attention")
+        if announce:
+            print0("[model] flash-attn is not available (needs the `gpu` extra and CUDA); using PyTorch SDPA attention")
     return "sdpa"
 
 
-def build_model(cfg: TrainConfig, info: DistInfo):
-    """The model to train, on its device: full (fp32 master weights), LoRA or QLoRA (peft)."""
+def model_config(cfg: TrainConfig):
+    """The model's HF config (architecture, sizes) without loading any weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
+
+
+def build_model(cfg: TrainConfig, info: DistInfo, meta: bool = False):
+    """The model to train, on its device: full (fp32 master weights), LoRA or QLoRA (peft).
+
+    `meta=True` builds the same structure (LoRA included) on the meta device without reading any
+    weights: a sharded backend allocates only its shards and fills them from rank 0 (train/fsdp.py)."""
     model_dir = resolve_model_dir(cfg.model_name_or_path)
-    kwargs: dict = {"attn_implementation": attention_implementation(cfg)}
+    kwargs: dict = {"attn_implementation": attention_implementation(cfg, announce=not meta)}
     dtype = torch.float32
     if cfg.q_lora:
         from transformers import BitsAndBytesConfig
@@ -35,9 +46,18 @@ def build_model(cfg: TrainConfig, info: DistInfo):
         dtype = compute
     elif cfg.lora and cfg.bf16:
         dtype = torch.bfloat16  # the frozen base can live in bf16; adapters are made fp32 below
-    model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if meta:
+        from transformers import AutoModelForCausalLM
+
+        if cfg.q_lora:
+            raise ValueError("--q_lora: a 4-bit model cannot be built on the meta device")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code, **kwargs)
+    else:
+        model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
-    if not cfg.q_lora:
+    if not cfg.q_lora and not meta:
         model.to(info.device)
 
     if cfg.gradient_checkpointing:
@@ -61,11 +81,16 @@ def build_model(cfg: TrainConfig, info: DistInfo):
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 even on a bf16 base
         model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    print0(f"[model] {type(model).__name__} from {cfg.model_name_or_path}: {n_train:,} trainable / {n_all:,} parameters, "
-           f"attention={kwargs['attn_implementation']}")
+    if not meta:
+        n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+        n_all = sum(_numel(p) for p in model.parameters())
+        print0(f"[model] {type(model).__name__} from {cfg.model_name_or_path}: {n_train:,} trainable / {n_all:,} "
+               f"parameters, attention={kwargs['attn_implementation']}")
     return model
+
+
+def _numel(p) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitioned parameters report 0 elements
 
 
 def trainable_named_parameters(model):

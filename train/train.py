@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from data.dataset import DataConfig, build_dataset  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from data.validate import DataError, ValidationOptions  # noqa: E402
-from train.backends import make_backend  # noqa: E402
+from train.backend_select import make_backend  # noqa: E402
 from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
 from train.collate import collate_packed, collate_padded  # noqa: E402
 from train.config import ACCEPTED_NO_OP, ConfigError, TrainConfig, parse_args  # noqa: E402
@@ -32,7 +32,7 @@ from train.loop import (  # noqa: E402
     install_signal_handlers,
     train_loop,
 )
-from train.model_setup import build_model  # noqa: E402
+from train.model_setup import build_model, model_config  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
 from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state  # noqa: E402
 from train.tracking import Tracker  # noqa: E402
@@ -64,7 +64,10 @@ def run(cfg: TrainConfig) -> int:
             eval_ds, _, _ = build_dataset(cfg.eval_data_path, tokenizer, eval_cfg, cfg.preprocessing_num_workers)
             eval_samples = eval_ds.select_columns(["input_ids", "labels"]).to_list()
 
-        model = build_model(cfg, info)
+        # the backend decides how weights arrive: sharded backends never materialize the full model on
+        # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
+        backend = make_backend(info, cfg, getattr(model_config(cfg), "hidden_size", None))
+        model = backend.build_model(lambda meta: build_model(cfg, info, meta=meta))
         mode = "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full"
         varlen = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
         mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -81,7 +84,6 @@ def run(cfg: TrainConfig) -> int:
         per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
-        backend = make_backend(info, cfg, getattr(model.config, "hidden_size", None))
         # wrapping/sharding (FSDP, DeepSpeed) precedes the optimizer, which sees the wrapped parameters
         wrapped, optimizer = backend.setup(model, lambda m: make_optimizer(cfg, m))
         scheduler = make_scheduler(cfg, optimizer, total_steps)
@@ -118,9 +120,9 @@ def run(cfg: TrainConfig) -> int:
             tracker.close()
         if cfg.save_strategy != "no" and not (state.last_checkpoint or "").endswith(f"checkpoint-{state.step}"):
             save(state)
-        # gathered on rank 0's CPU; a PEFT model outside FSDP saves its adapter straight from its parameters
-        full_state = backend.full_state_dict(wrapped) if mode == "full" or backend.name == "fsdp" else None
-        out = export_model(backend.unwrap(wrapped), full_state, tokenizer, cfg, mode, info.is_main,
+        # gathered collectively onto rank 0's CPU: the whole model, or only the adapter's trainable weights
+        final_state = backend.export_state(wrapped, trainable_only=mode != "full")
+        out = export_model(backend.unwrap(wrapped), final_state, tokenizer, cfg, mode, info.is_main,
                            {"train_stats": train_stats.summary(), "steps": state.step})
         print0(f"[train] done: {state.step} steps; model written to {out}")
         return 0

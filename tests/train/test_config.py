@@ -79,7 +79,7 @@ def test_sharding_flag_combinations_are_checked(tmp_path):
 
 
 def test_deepspeed_auto_values_come_from_flags():
-    from train.deepspeed_backend import DeepSpeedConfigError, fill_auto, load_ds_config
+    from train.sharding_config import DeepSpeedConfigError, fill_auto, load_ds_config
 
     cfg = parse_args(BASE + ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5",
                              "--max_grad_norm", "0.7", "--bf16", "True"])
@@ -100,3 +100,37 @@ def test_shipped_deepspeed_configs_have_bf16_and_auto_values(name):
     assert data["bf16"] == {"enabled": "auto"} and data["train_micro_batch_size_per_gpu"] == "auto"
     assert data["zero_optimization"]["stage"] == (3 if "zero3" in name else 2)
     assert ("offload_optimizer" in data["zero_optimization"]) == ("offload" in name)
+
+
+def test_deepspeed_json_scheduler_block_is_refused_optimizer_block_is_used(tmp_path):
+    """Never two LR schedules (ours and the JSON's) on one optimizer; the JSON's optimizer replaces --optim."""
+    import json
+
+    from train.sharding_config import fill_auto
+
+    base = json.loads(open("ds_configs/zero2.json").read())
+    with_sched = tmp_path / "sched.json"
+    with_sched.write_text(json.dumps({**base, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}))
+    with pytest.raises(ConfigError, match=r'sched.json: its "scheduler" block would run alongside'):
+        parse_args(BASE + ["--deepspeed", str(with_sched)])
+    auto_sched = tmp_path / "auto.json"
+    auto_sched.write_text(json.dumps({**base, "scheduler": "auto"}))
+    assert "scheduler" not in fill_auto(json.loads(auto_sched.read_text()), parse_args(BASE), 1, 64)
+    with_optim = tmp_path / "optim.json"
+    with_optim.write_text(json.dumps({**base, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}}}))
+    cfg = parse_args(BASE + ["--deepspeed", str(with_optim), "--learning_rate", "3e-4", "--adam_beta2", "0.95"])
+    filled = fill_auto(json.loads(with_optim.read_text()), cfg, 1, 64)
+    assert filled["optimizer"]["params"]["lr"] == 3e-4 and filled["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert "zero_allow_untested_optimizer" not in filled  # DeepSpeed builds that optimizer; ours is not passed
+
+
+def test_deepspeed_bf16_discards_non_finite_steps():
+    from train.sharding_config import fill_auto, load_ds_config
+
+    filled = fill_auto(load_ds_config("ds_configs/zero3.json"), parse_args(BASE + ["--bf16", "True"]), 2, 64)
+    assert filled["bf16"] == {"enabled": True, "check_grad_overflow": True}
+
+
+def test_max_nonfinite_skips_is_accepted_with_deepspeed():
+    cfg = parse_args(BASE + ["--deepspeed", "ds_configs/zero2.json", "--max_nonfinite_skips", "2"])
+    assert cfg.max_nonfinite_skips == 2
