@@ -10,7 +10,6 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
