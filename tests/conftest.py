@@ -58,3 +58,18 @@ def constant_reply_model(tiny_llama, tmp_path_factory) -> tuple[str, str]:
                      "--per_device_train_batch_size", "8", "--save_strategy", "no", "--model_max_length", "512",
                      "--seed", "1"])
     return str(out), CONSTANT_REPLY
+
+
+@pytest.fixture(scope="session")
+def zero3_all_partitioned(tmp_path_factory) -> str:
+    """The shipped ZeRO-3 config with every parameter partitioned (`stage3_param_persistence_threshold: 0`), as
+    at 7B+ sizes: tiny test tensors otherwise fall under the threshold and stay whole on every rank."""
+    import json
+
+    from helpers import ROOT
+
+    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_threshold0.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)

@@ -13,7 +13,7 @@ def make_backend(info: DistInfo, cfg: TrainConfig, hidden_size: int | None = Non
         from train.deepspeed_backend import DeepSpeedBackend
 
         ds_config = fill_auto(load_ds_config(cfg.deepspeed), cfg, info.world_size, hidden_size)
-        return DeepSpeedBackend(info, ds_config, cfg.is_peft)
+        return DeepSpeedBackend(info, ds_config, cfg.is_peft, quantized=cfg.q_lora)
     if cfg.fsdp:
         from train.fsdp import FSDPBackend
 

@@ -168,9 +168,6 @@ class TrainConfig:
         if self.deepspeed:
             stage = zero_stage(load_ds_config(self.deepspeed))
             need(stage in (0, 1, 2, 3), "deepspeed", f"zero_optimization.stage must be 0-3, got {stage}")
-            need(not (self.q_lora and stage == 3), "q_lora", "cannot be combined with ZeRO-3: training runs, but "
-                 "DeepSpeed's 16-bit gather returns empty LoRA tensors on a bitsandbytes 4-bit base (deepspeed 0.19.8), "
-                 "so the adapter cannot be saved; use ds_configs/zero2.json (or --fsdp) for QLoRA")
         if self.fsdp:
             FSDPSettings.from_flags(self.fsdp, self.fsdp_transformer_layer_cls_to_wrap, self.fsdp_config)
 

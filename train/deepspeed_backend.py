@@ -36,9 +36,10 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     steps_itself = True
 
-    def __init__(self, info: DistInfo, ds_config: dict, is_peft: bool):
+    def __init__(self, info: DistInfo, ds_config: dict, is_peft: bool, quantized: bool = False):
         super().__init__(info, is_peft)
         self.ds_config = ds_config
+        self.quantized = quantized
         self.engine = None
         self._hf_ds_config = None  # kept alive: transformers checks it through a weak reference
 
@@ -51,7 +52,8 @@ class DeepSpeedBackend(Backend):
         return zero_stage(self.ds_config)
 
     def build_model(self, build):
-        if self.stage == 3:
+        # a 4-bit base cannot be built under zero.Init: each rank loads its own quantized copy (~S/8)
+        if self.stage == 3 and not self.quantized:
             import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
 

@@ -8,10 +8,9 @@ reduction unless `reduce_dtype` says otherwise); `offload` uses `CPUOffloadPolic
 CPU).
 
 Load once, shard early (DESIGN.md §3): every rank builds the model on the meta device and shards it;
-only rank 0 loads the real weights, which are broadcast tensor by tensor into the other ranks' shards
-(`set_model_state_dict(..., broadcast_from_rank0=True)`). Buffers are not in that broadcast when they
-are non-persistent (rotary `inv_freq`): after `to_empty()` they hold garbage, so they are broadcast from
-rank 0's loaded model too. QLoRA is the exception: bitsandbytes quantizes tensor by tensor while
+only rank 0 loads the real weights, which are scattered tensor by tensor into the ranks' shards.
+Non-persistent buffers (rotary `inv_freq`) are in no state dict and hold garbage after `to_empty()`,
+so every buffer is broadcast from rank 0's loaded model too. QLoRA is the exception: bitsandbytes quantizes tensor by tensor while
 loading, so each rank builds its own 4-bit model (~1/8 of the fp32 size) and FSDP shards that.
 
 Final weights are gathered with `get_model_state_dict(full_state_dict=True, cpu_offload=True)` — for
@@ -35,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from train.backends import Backend
 from train.distributed import DistInfo
@@ -96,19 +95,32 @@ class FSDPBackend(Backend):
 
     @torch.no_grad()
     def _fill_shards_from_rank0(self, model) -> None:
-        """Allocate this rank's shards, then copy rank 0's loaded weights and buffers into them."""
+        """Allocate this rank's shards, then scatter rank 0's loaded weights into them one tensor at a
+        time (a rank holds its shards plus one full tensor in flight, never a second copy of its shards —
+        `set_model_state_dict(broadcast_from_rank0=True)` keeps one until the end), then broadcast every
+        buffer: non-persistent ones (rotary `inv_freq`) are garbage after `to_empty()`."""
         device = torch.device("cpu") if self.settings.offload else self.info.device
         model.to_empty(device=device)
         source = self._source
-        full = source.state_dict() if source is not None else {}
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
+        full_state = source.state_dict() if source is not None else {}
+        for key, local in model.state_dict().items():
+            if self.info.is_main:
+                full = full_state[key].to(device=device, dtype=local.dtype)
+            else:
+                full = torch.empty(local.shape, dtype=local.dtype, device=device)
+            if isinstance(local, DTensor):  # scatter: each rank receives only its own chunk
+                shard = distribute_tensor(full, local.device_mesh, local.placements, src_data_rank=0)
+                local.to_local().copy_(shard.to_local())
+            else:
+                dist.broadcast(full, src=0)
+                local.copy_(full)
+            del full
+        del full_state
         source_buffers = dict(source.named_buffers()) if source is not None else {}
-        for name, buf in model.named_buffers():  # non-persistent ones (rotary inv_freq) are not in the state dict
+        for name, buf in model.named_buffers():
             if self.info.is_main:
                 buf.copy_(source_buffers[name])
-            if dist.is_initialized() and self.info.distributed:
-                dist.broadcast(buf, src=0)
+            dist.broadcast(buf, src=0)
         self._source = None
 
     def sync_context(self, model, last_micro: bool):

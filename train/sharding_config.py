@@ -127,8 +127,12 @@ def fill_auto(ds_config: dict, cfg, world_size: int, hidden_size: int | None) ->
         raise DeepSpeedConfigError("--deepspeed: fp16 is not supported; use the bf16 block")
     zero = filled.setdefault("zero_optimization", {})
     h = hidden_size or 4096
+    # ZeRO-3 keeps gathered parameters alive up to max_live_parameters (DeepSpeed's default 1e9 is the
+    # whole of a 0.5B-1B model on every rank); "auto" is about two Llama-style decoder layers (~12 h² each)
+    layers2 = 24 * h * h
     for key, value in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
-                       "stage3_param_persistence_threshold": 10 * h}.items():
+                       "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": layers2,
+                       "stage3_max_reuse_distance": layers2}.items():
         if zero.get(key) == "auto":
             zero[key] = value
     if "optimizer" in filled:  # the JSON's optimizer is used instead of --optim, its "auto" values from our flags

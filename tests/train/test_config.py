@@ -67,8 +67,7 @@ def test_q_lora_implies_lora():
 
 
 def test_sharding_flag_combinations_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match="--q_lora cannot be combined with ZeRO-3"):
-        parse_args(BASE + ["--deepspeed", "ds_configs/zero3.json", "--q_lora", "True"])
+    assert parse_args(BASE + ["--deepspeed", "ds_configs/zero3.json", "--q_lora", "True"]).q_lora  # tested e2e
     with pytest.raises(ConfigError, match="--deepspeed and --fsdp are alternatives"):
         parse_args(BASE + ["--deepspeed", "ds_configs/zero2.json", "--fsdp", "full_shard auto_wrap"])
     bad = tmp_path / "ds.json"
@@ -87,6 +86,8 @@ def test_deepspeed_auto_values_come_from_flags():
     assert filled["train_micro_batch_size_per_gpu"] == 3 and filled["gradient_accumulation_steps"] == 5
     assert filled["train_batch_size"] == 60 and filled["gradient_clipping"] == 0.7 and filled["bf16"]["enabled"] is True
     assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    # gathered parameters kept alive: about two decoder layers, not DeepSpeed's 1e9 (a whole small model)
+    assert filled["zero_optimization"]["stage3_max_live_parameters"] == 24 * 64 * 64
     with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=2 contradicts the flags"):
         fill_auto({"gradient_accumulation_steps": 2}, cfg, world_size=1, hidden_size=64)
 
