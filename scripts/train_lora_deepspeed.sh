@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LoRA / QLoRA on one node with DeepSpeed ZeRO-2 (FastChat's train_lora.py command form).
 # Estimated memory (7B, seq 2048, micro-batch 1, gradient checkpointing): LoRA on a bf16 base ~17 GB
-# per GPU; QLoRA (Q_LORA=True) ~8 GB per GPU. ZeRO-3 works for LoRA (ds_configs/zero3.json), not QLoRA.
+# per GPU; QLoRA (Q_LORA=True) ~8 GB per GPU. ZeRO-3 (ds_configs/zero3.json) works for LoRA and QLoRA.
 # Usage: MODEL=... DATA=... Q_LORA=True NGPU=4 bash scripts/train_lora_deepspeed.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -38,9 +38,9 @@ class Backend:
     steps_itself = False
 
     def build_model(self, build):
-        """`build(meta: bool)` makes the model; sharded backends build it so that the full weights are
-        materialized at most once (DESIGN.md §3)."""
-        return build(meta=False)
+        """`build(placement)` makes the model ("device" | "cpu" | "meta", see model_setup.build_model);
+        sharded backends build it so that the full weights are materialized at most once (DESIGN.md §3)."""
+        return build("device")
 
     def prepare(self, model):
         return model

@@ -60,7 +60,7 @@ class DeepSpeedBackend(Backend):
             deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm layer
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # from_pretrained now builds under zero.Init
-        return build(meta=False)
+        return build("device")
 
     def setup(self, model, make_optimizer):
         import deepspeed

@@ -72,10 +72,10 @@ class FSDPBackend(Backend):
 
     def build_model(self, build):
         if self.quantized:
-            return build(meta=False)
+            return build("device")
         if self.info.is_main:
-            self._source = build(meta=False)
-        return build(meta=True)
+            self._source = build("cpu")  # read once, kept in host memory, scattered tensor by tensor
+        return build("meta")
 
     def prepare(self, model):
         kwargs: dict = {"reshard_after_forward": self.settings.reshard_after_forward}

@@ -25,11 +25,12 @@ def model_config(cfg: TrainConfig):
     return AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
 
 
-def build_model(cfg: TrainConfig, info: DistInfo, meta: bool = False):
-    """The model to train, on its device: full (fp32 master weights), LoRA or QLoRA (peft).
-
-    `meta=True` builds the same structure (LoRA included) on the meta device without reading any
-    weights: a sharded backend allocates only its shards and fills them from rank 0 (train/fsdp.py)."""
+def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device"):
+    """The model to train: full (fp32 master weights), LoRA or QLoRA (peft), on `placement`:
+    "device" (this rank's accelerator or CPU), "cpu" (FSDP2's rank-0 source of weights, which must not
+    occupy rank 0's GPU), or "meta" (the same structure, LoRA included, without reading any weights: a
+    sharded backend allocates only its shards and fills them from rank 0 — train/fsdp.py)."""
+    meta = placement == "meta"
     model_dir = resolve_model_dir(cfg.model_name_or_path)
     kwargs: dict = {"attn_implementation": attention_implementation(cfg, announce=not meta)}
     dtype = torch.float32
@@ -57,7 +58,7 @@ def build_model(cfg: TrainConfig, info: DistInfo, meta: bool = False):
     else:
         model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
-    if not cfg.q_lora and not meta:
+    if not cfg.q_lora and placement == "device":
         model.to(info.device)
 
     if cfg.gradient_checkpointing:

@@ -24,6 +24,7 @@ from train.collate import collate_packed, collate_padded  # noqa: E402
 from train.config import ACCEPTED_NO_OP, ConfigError, TrainConfig, parse_args  # noqa: E402
 from train.distributed import cleanup, init_distributed, print0  # noqa: E402
 from train.export import export_model  # noqa: E402
+from train.host_memory import return_large_frees_to_os  # noqa: E402
 from train.loop import (  # noqa: E402
     LoopState,
     NonFiniteError,
@@ -39,6 +40,7 @@ from train.tracking import Tracker  # noqa: E402
 
 
 def run(cfg: TrainConfig) -> int:
+    return_large_frees_to_os()  # per-layer gathers (FSDP2, ZeRO-3) must not pile up in the heap
     info = init_distributed(need_process_group=bool(cfg.fsdp))
     try:
         torch.manual_seed(cfg.seed)
@@ -67,7 +69,7 @@ def run(cfg: TrainConfig) -> int:
         # the backend decides how weights arrive: sharded backends never materialize the full model on
         # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
         backend = make_backend(info, cfg, getattr(model_config(cfg), "hidden_size", None))
-        model = backend.build_model(lambda meta: build_model(cfg, info, meta=meta))
+        model = backend.build_model(lambda placement: build_model(cfg, info, placement))
         mode = "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full"
         varlen = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
         mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32

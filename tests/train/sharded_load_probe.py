@@ -31,7 +31,7 @@ def main(out: str, argv: list[str]) -> None:
     model_setup.load_causal_lm = lambda *a, **k: loads.append(1) or real_load(*a, **k)
     try:
         backend = make_backend(info, cfg, model_setup.model_config(cfg).hidden_size)
-        model = backend.build_model(lambda meta: model_setup.build_model(cfg, info, meta=meta))
+        model = backend.build_model(lambda placement: model_setup.build_model(cfg, info, placement))
         # a ZeRO-3 parameter with numel() == 0 is partitioned: this rank holds only its slice
         partitioned = [n for n, p in model.named_parameters() if getattr(p, "ds_numel", 0) > p.numel() == 0]
         wrapped, _ = backend.setup(model, lambda m: make_optimizer(cfg, m))
