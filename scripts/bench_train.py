@@ -3,10 +3,11 @@
     python scripts/bench_train.py [--models smollm2 tiny] [--steps 4] [--max_length 512]
 
 For each model and batching mode, in a fresh process (so peak RSS is per mode), runs warm-up + N
-optimizer steps of the real loop pieces (collator, token-normalized loss, bf16 autocast, AdamW) on the
+optimizer steps of the real loop pieces (collator, token-normalized loss, AdamW; bf16 autocast where this
+CPU computes bf16 natively, else fp32 — train/precision.py, as `--bf16 True` does) on the
 embedded demo dataset and prints: tokens/s (non-pad), supervised tokens/s, useful-token fraction
-(non-pad / processed), peak RSS, and MFU = model FLOPs on non-pad tokens / a bf16 matmul peak measured
-here (2048² products; the fp32 peak is printed too).
+(non-pad / processed), peak RSS, and MFU = model FLOPs on non-pad tokens / the matmul peak of the dtype
+actually used, measured here (2048² products; both peaks are printed).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     from train.collate import collate_packed, collate_padded
     from train.distributed import DistInfo
     from train.loop import accumulate_gradients
+    from train.precision import resolve_precision
     from train.sampler import PlanConfig, plan_epoch
 
     torch.manual_seed(0)
@@ -69,11 +71,12 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
                                              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4))
     model.train()
     info = DistInfo(0, 1, 0, torch.device("cpu"))
+    precision = resolve_precision("true", False, info.device)
     plan = plan_epoch([len(s["input_ids"]) for s in samples], 0,
                       PlanConfig(batch_size=1 if mode == "packing" else batch, packing=mode == "packing",
                                  max_length=max_length, seed=0))
     if mode == "packing":
-        batches = [collate_packed([[samples[i] for i in u] for u in mb], tok.pad_token_id, torch.bfloat16) for mb in plan]
+        batches = [collate_packed([[samples[i] for i in u] for u in mb], tok.pad_token_id, precision.compute_dtype) for mb in plan]
     else:
         pad_to = max_length if mode == "pad_to_max" else None
         batches = [collate_padded([samples[u[0]] for u in mb], tok.pad_token_id, pad_to) for mb in plan]
@@ -86,7 +89,7 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     warmup = 2  # first steps allocate optimizer state and fault in memory
     for k, b in enumerate(batches[: steps + warmup]):
         t = time.perf_counter()
-        _, n_sup = accumulate_gradients(model, [b], backend, info, bf16=True)
+        _, n_sup = accumulate_gradients(model, [b], backend, info, precision.autocast_dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t
@@ -101,7 +104,7 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     return {"model": model_name, "mode": mode, "params": n_params, "tokens_per_s": real / elapsed,
             "supervised_tokens_per_s": sup / elapsed, "useful_fraction": real / processed,
             "achieved_flops": flops / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "steps": min(steps, len(batches) - warmup), "processed_tokens_per_step": processed / max(min(steps, len(batches) - warmup), 1)}
+            "precision": precision.name, "steps": min(steps, len(batches) - warmup), "processed_tokens_per_step": processed / max(min(steps, len(batches) - warmup), 1)}
 
 
 def main() -> None:
@@ -120,7 +123,13 @@ def main() -> None:
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"measured matmul peak ({torch.get_num_threads()} threads): bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
           f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
-    print(f"{'model':<9}{'mode':<12}{'tok/s':>9}{'sup tok/s':>11}{'useful':>8}{'tok/step':>10}{'peak RSS':>10}{'MFU(bf16)':>11}")
+    from train.precision import resolve_precision
+
+    used = resolve_precision("true", False, torch.device("cpu"))
+    peak = peak_bf16 if used.name == "bf16" else peak_fp32
+    print(f"computing in {used.name} (--bf16 True on this CPU){'; ' + used.note if used.note else ''}")
+    print(f"{'model':<9}{'mode':<12}{'tok/s':>9}{'sup tok/s':>11}{'useful':>8}{'tok/step':>10}{'peak RSS':>10}"
+          f"{'MFU(' + used.name + ')':>11}")
     for model in args.models:
         for mode in MODES:
             out = subprocess.run([sys.executable, __file__, "--one", model, mode, "--steps", str(args.steps),
@@ -132,7 +141,7 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{model:<9}{mode:<12}{r['tokens_per_s']:>9.0f}{r['supervised_tokens_per_s']:>11.0f}"
                   f"{r['useful_fraction']:>8.1%}{r['processed_tokens_per_step']:>10.0f}{r['peak_rss_mb']:>8.0f}MB"
-                  f"{r['achieved_flops'] / peak_bf16:>11.1%}", flush=True)
+                  f"{r['achieved_flops'] / peak:>11.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class Backend:
     def unwrap(self, model):
         return model
 
+    def make_grad_scaler(self):
+        """fp16's dynamic loss scaler (None where the backend scales the loss itself: DeepSpeed)."""
+        return torch.amp.GradScaler(self.info.device.type)
+
     def zero_grad(self, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 

@@ -8,7 +8,9 @@ samples.
 * padded: dynamic padding to the longest sample in the batch (or a fixed length, FastChat-style,
   for benchmarks), `attention_mask` 1/0, `position_ids` 0..n-1.
 * packed: each row concatenates several samples; `position_ids` restart per sample. With
-  flash-attn 2 that is how transformers isolates samples (varlen). With sdpa/eager it is not
+  flash-attn 2 that is how transformers isolates samples (varlen) — but only for a batch of one row
+  (`_is_packed_sequence`), so a micro-batch of several packed rows is flattened into a single row of
+  all its samples, with no padding. With sdpa/eager restarting positions do not isolate samples
   (DESIGN.md §4), so we pass a 4D additive block-diagonal causal mask (0 = attend, dtype min = not).
 """
 
@@ -45,7 +47,10 @@ def collate_padded(samples: Sequence[dict], pad_id: int, pad_to: int | None = No
 
 def collate_packed(rows: Sequence[Sequence[dict]], pad_id: int, mask_dtype: torch.dtype = torch.float32,
                    varlen: bool = False) -> dict[str, torch.Tensor]:
-    """Rows of samples → one packed batch. `varlen=True` (flash-attn 2) omits the 4D mask."""
+    """Rows of samples → one packed batch. `varlen=True` (flash-attn 2): one row (1, ΣL) holding every
+    sample of the micro-batch, boundaries given by restarting `position_ids`, no 4D mask."""
+    if varlen and len(rows) > 1:
+        rows = [[s for row in rows for s in row]]
     lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
     length = max(lengths)
     n = len(rows)

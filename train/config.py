@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from data.templates import TEMPLATE_NAMES
 from data.tokenize import MASKS, OVERFLOW_POLICIES
+from train.precision import PrecisionError, parse_bf16_flag
 from train.sharding_config import ConfigError, FSDPSettings, load_ds_config, load_mapping, zero_stage
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -33,7 +34,6 @@ ACCEPTED_NO_OP = {
 }
 # Flags that exist in FastChat/HF but are not (yet) supported: rejected with the reason.
 REJECTED = {
-    "fp16": "fp16 training is not supported; use --bf16 True (or fp32)",
     "half_precision_backend": "not used by chattune's training loop",
 }
 
@@ -82,7 +82,10 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
     seed: int = _help("random seed (model init of new heads, data order, dropout)", default=42)
     # --- precision / memory ---
-    bf16: bool = _help("bf16 autocast (weights stay fp32 for full fine-tune)", default=False)
+    bf16: str = _help("bf16 autocast where the device computes bf16 natively (a CPU without AVX512-BF16/AMX computes "
+                      "in fp32 and says so); 'force' uses bf16 anyway. Master weights stay fp32", default="false")
+    fp16: bool = _help("fp16 autocast with dynamic loss scaling, for GPUs without bf16 (T4, V100, RTX 20xx)",
+                       default=False)
     tf32: bool = _help("allow TF32 matmuls on CUDA", default=False)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     # --- LoRA / QLoRA ---
@@ -159,7 +162,12 @@ class TrainConfig:
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         need(self.lora_bias in ("none", "all", "lora_only"), "lora_bias", "must be none, all or lora_only")
         need(self.bits in (4, 8), "bits", f"must be 4 or 8, got {self.bits}")
-        need(self.save_dtype in ("bf16", "fp32"), "save_dtype", "must be bf16 or fp32")
+        need(self.save_dtype in ("bf16", "fp16", "fp32"), "save_dtype", "must be bf16, fp16 or fp32")
+        try:
+            self.bf16 = parse_bf16_flag(self.bf16)
+        except PrecisionError as e:
+            raise ConfigError(str(e)) from None
+        need(not (self.fp16 and self.bf16 != "false"), "fp16", "and --bf16 are alternatives; pass one")
         need(self.max_nonfinite_skips >= 0, "max_nonfinite_skips", "must be >= 0")
         need(self.preprocessing_num_workers >= 1, "preprocessing_num_workers", "must be >= 1")
         if self.q_lora:

@@ -101,6 +101,9 @@ class DeepSpeedBackend(Backend):
             norm = norm.item()
         return float(norm) if norm is not None else None
 
+    def make_grad_scaler(self):
+        return None  # the JSON's fp16 block: DeepSpeed's own dynamic loss scaler
+
     def zero_grad(self, optimizer) -> None:
         pass  # the engine zeroes gradients in step()
 

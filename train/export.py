@@ -24,7 +24,7 @@ def export_model(model, state_dict: dict | None, tokenizer, cfg: TrainConfig, mo
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if mode == "full":
-        dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.save_dtype]
         cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
         model.save_pretrained(out, state_dict=cast, safe_serialization=True)
         # save_pretrained records the in-memory (fp32 master) dtype; record what the file holds

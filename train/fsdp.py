@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from train.backends import Backend
 from train.distributed import DistInfo
+from train.precision import Precision
 from train.sharding_config import FSDPConfigError, FSDPSettings
 
 
@@ -59,10 +60,11 @@ def decoder_layer_classes(model, names: tuple[str, ...]) -> tuple[type, ...]:
 class FSDPBackend(Backend):
     name = "fsdp"
 
-    def __init__(self, info: DistInfo, settings: FSDPSettings, bf16: bool, is_peft: bool, quantized: bool = False):
+    def __init__(self, info: DistInfo, settings: FSDPSettings, precision: Precision, is_peft: bool,
+                 quantized: bool = False):
         super().__init__(info, is_peft)
         self.settings = settings
-        self.bf16 = bf16
+        self.precision = precision
         self.quantized = quantized
         self._source = None  # rank 0's loaded model while the shards are filled from it
 
@@ -79,9 +81,10 @@ class FSDPBackend(Backend):
 
     def prepare(self, model):
         kwargs: dict = {"reshard_after_forward": self.settings.reshard_after_forward}
-        if self.bf16:
-            reduce = torch.float32 if self.settings.reduce_dtype == "fp32" else torch.bfloat16
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+        if self.precision.autocast_dtype is not None:
+            compute = self.precision.compute_dtype
+            reduce = compute if self.settings.reduce_dtype == "bf16" and compute == torch.bfloat16 else torch.float32
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce)
         if self.settings.offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.info.device.type == "cuda")
         classes = decoder_layer_classes(model, self.settings.layer_classes)
@@ -122,6 +125,11 @@ class FSDPBackend(Backend):
                 buf.copy_(source_buffers[name])
             dist.broadcast(buf, src=0)
         self._source = None
+
+    def make_grad_scaler(self):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=self.info.device.type)  # agrees on overflow across ranks
 
     def sync_context(self, model, last_micro: bool):
         model.set_requires_gradient_sync(last_micro)

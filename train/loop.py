@@ -21,7 +21,10 @@ from train.backends import Backend
 from train.collate import METADATA_KEYS, num_supervised
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from train.precision import Precision
 from train.sampler import MicroBatchStream, SamplerState
+
+FP32 = Precision("fp32")
 
 
 class NonFiniteError(RuntimeError):
@@ -49,32 +52,37 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def token_loss_sum(model, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
-    """Sum of cross-entropy over supervised positions (labels are already shifted by the collator)."""
+def token_loss_sum(model, batch: dict, device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
+    """Sum of cross-entropy over supervised positions (labels are already shifted by the collator);
+    `autocast`: bf16/fp16 compute dtype, or None for fp32 (train/precision.py)."""
     inputs = {k: v.to(device) for k, v in batch.items() if k not in METADATA_KEYS}
     labels = batch["labels"].to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def accumulate_gradients(model, batches: list[dict], backend: Backend, info: DistInfo, bf16: bool) -> tuple[float, int]:
+def accumulate_gradients(model, batches: list[dict], backend: Backend, info: DistInfo, autocast: torch.dtype | None,
+                         scaler=None) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches; returns (step loss, supervised tokens), both
     global over ranks. Each micro-batch's token-loss sum is divided by the step's global token count.
-    The loss sum stays on the device until the step's single all-reduce (no host sync per micro-batch)."""
+    The loss sum stays on the device until the step's single all-reduce (no host sync per micro-batch).
+    `scaler`: fp16's loss scaler, whose scale multiplies the loss before backward."""
     n_sup = int(all_reduce_sum(sum(num_supervised(b) for b in batches), info.device))
     loss_sum_local = torch.zeros((), dtype=torch.float64, device=info.device)
     for k, batch in enumerate(batches):
         with backend.sync_context(model, last_micro=k == len(batches) - 1):
-            loss_sum = token_loss_sum(model, batch, info.device, bf16)
-            backend.backward(loss_sum * (backend.loss_scale / max(n_sup, 1)))
+            loss_sum = token_loss_sum(model, batch, info.device, autocast)
+            loss = loss_sum * (backend.loss_scale / max(n_sup, 1))
+            backend.backward(scaler.scale(loss) if scaler is not None else loss)
         loss_sum_local += loss_sum.detach().double()
     return all_reduce_sum(loss_sum_local, info.device) / max(n_sup, 1), n_sup
 
 
 @torch.no_grad()
-def evaluate(model, samples, collate: Callable, cfg: TrainConfig, info: DistInfo) -> dict:
+def evaluate(model, samples, collate: Callable, cfg: TrainConfig, info: DistInfo,
+             autocast: torch.dtype | None = None) -> dict:
     """Streaming held-out loss over assistant tokens: per batch, sum and count; no logits are kept.
 
     Every rank runs the same number of forward calls: a sharded model's forward is collective (FSDP2
@@ -89,7 +97,7 @@ def evaluate(model, samples, collate: Callable, cfg: TrainConfig, info: DistInfo
     for b in range(n_batches):
         chunk = indices[b * size:(b + 1) * size]
         batch = collate([[samples[j]] for j in (chunk or [0])])
-        loss_sum = token_loss_sum(model, batch, info.device, cfg.bf16).double()
+        loss_sum = token_loss_sum(model, batch, info.device, autocast).double()
         if chunk:
             total[0] += loss_sum
             total[1] += num_supervised(batch)
@@ -109,20 +117,29 @@ class LoopState:
     supervised_seen: int = 0
     nonfinite_skips: int = 0
     last_checkpoint: str | None = None
+    grad_scaler: dict = field(default_factory=dict)  # fp16 loss scale state (resumed exactly)
 
     def as_dict(self) -> dict:
         return {"step": self.step, "sampler": self.sampler.as_dict(), "tokens_seen": self.tokens_seen,
-                "supervised_seen": self.supervised_seen, "nonfinite_skips": self.nonfinite_skips}
+                "supervised_seen": self.supervised_seen, "nonfinite_skips": self.nonfinite_skips,
+                "grad_scaler": self.grad_scaler}
 
     @classmethod
     def from_dict(cls, d: dict) -> LoopState:
-        return cls(d["step"], SamplerState(**d["sampler"]), d["tokens_seen"], d["supervised_seen"], d["nonfinite_skips"])
+        return cls(d["step"], SamplerState(**d["sampler"]), d["tokens_seen"], d["supervised_seen"], d["nonfinite_skips"],
+                   grad_scaler=d.get("grad_scaler", {}))
 
 
 def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, optimizer, scheduler,
                stream: MicroBatchStream, samples, collate: Callable, total_steps: int, state: LoopState,
-               tracker, save: Callable[[LoopState], str], eval_fn: Callable[[], dict] | None) -> LoopState:
+               tracker, save: Callable[[LoopState], str], eval_fn: Callable[[], dict] | None,
+               precision: Precision = FP32) -> LoopState:
     model.train()
+    # fp16: dynamic loss scaling. An overflow at the current scale is not a failure: the step is skipped,
+    # the scale lowered, and it does not count against --max_nonfinite_skips.
+    scaler = backend.make_grad_scaler() if precision.loss_scaling else None
+    if scaler is not None and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
     stream.state = state.sampler
     t_last = time.perf_counter()
     tokens_since = sup_since = 0
@@ -130,7 +147,7 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
         epoch_before = stream.state.epoch
         micro = [stream.next()[1] for _ in range(cfg.gradient_accumulation_steps)]
         batches = [collate([[samples[i] for i in unit] for unit in units]) for units in micro]
-        loss, n_sup = accumulate_gradients(model, batches, backend, info, cfg.bf16)
+        loss, n_sup = accumulate_gradients(model, batches, backend, info, precision.autocast_dtype, scaler)
         if backend.steps_itself:  # DeepSpeed: the engine clips and discards a non-finite update itself
             applied = backend.step(optimizer)
             grad_norm = backend.grad_norm_after_step()
@@ -140,10 +157,22 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
                                      f"applied the update (grad_norm={grad_norm}); stopping. Last checkpoint: "
                                      f"{state.last_checkpoint or 'none'}.")
         else:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the norm and clipping see true gradients
             grad_norm = backend.clip_and_norm(model, cfg.max_grad_norm)
             applied = math.isfinite(loss) and math.isfinite(grad_norm)
-            if applied:
+            if applied and scaler is not None:
+                scaler.step(optimizer)  # unscaled already; steps unless it recorded an overflow
+            elif applied:
                 backend.step(optimizer)
+            if scaler is not None:
+                scaler.update()
+                state.grad_scaler = scaler.state_dict()
+        if not applied and precision.loss_scaling and math.isfinite(loss):
+            backend.zero_grad(optimizer)
+            tracker.message(f"[train] step {state.step + 1}: fp16 gradients overflowed; step skipped and loss scale "
+                            f"lowered{f' to {scaler.get_scale():g}' if scaler is not None else ''}")
+            continue
         if not applied:
             backend.zero_grad(optimizer)
             what = "loss" if not math.isfinite(loss) else "gradient norm"

@@ -7,6 +7,7 @@ import torch
 from train.config import TrainConfig
 from train.distributed import DistInfo, print0
 from train.modeling import disable_avx512bf16_repack, flash_attn_available, load_causal_lm, resolve_model_dir
+from train.precision import Precision, resolve_precision
 
 
 def attention_implementation(cfg: TrainConfig, announce: bool = True) -> str:
@@ -25,19 +26,20 @@ def model_config(cfg: TrainConfig):
     return AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
 
 
-def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device"):
+def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", precision: Precision | None = None):
     """The model to train: full (fp32 master weights), LoRA or QLoRA (peft), on `placement`:
     "device" (this rank's accelerator or CPU), "cpu" (FSDP2's rank-0 source of weights, which must not
     occupy rank 0's GPU), or "meta" (the same structure, LoRA included, without reading any weights: a
     sharded backend allocates only its shards and fills them from rank 0 — train/fsdp.py)."""
     meta = placement == "meta"
+    precision = precision or resolve_precision(cfg.bf16, cfg.fp16, info.device)
     model_dir = resolve_model_dir(cfg.model_name_or_path)
     kwargs: dict = {"attn_implementation": attention_implementation(cfg, announce=not meta)}
     dtype = torch.float32
     if cfg.q_lora:
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if cfg.bf16 else torch.float32
+        compute = precision.compute_dtype
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
@@ -45,8 +47,8 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device"):
         )
         kwargs["device_map"] = {"": info.device}
         dtype = compute
-    elif cfg.lora and cfg.bf16:
-        dtype = torch.bfloat16  # the frozen base can live in bf16; adapters are made fp32 below
+    elif cfg.lora and precision.autocast_dtype is not None:
+        dtype = precision.compute_dtype  # the frozen base can live in bf16/fp16; adapters are made fp32 below
     if meta:
         from transformers import AutoModelForCausalLM
 

@@ -102,8 +102,9 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def fill_auto(ds_config: dict, cfg, world_size: int, hidden_size: int | None) -> dict:
-    """Replace "auto" values with ones derived from our flags; reject values that contradict them."""
+def fill_auto(ds_config: dict, cfg, world_size: int, hidden_size: int | None, precision: str = "fp32") -> dict:
+    """Replace "auto" values with ones derived from our flags and the resolved `precision` (bf16 | fp16 |
+    fp32, train/precision.py); reject values that contradict them."""
     filled = json.loads(json.dumps(ds_config))
     ours = {
         "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
@@ -118,13 +119,19 @@ def fill_auto(ds_config: dict, cfg, world_size: int, hidden_size: int | None) ->
             raise DeepSpeedConfigError(f"--deepspeed: {key}={filled[key]} contradicts the flags ({value}); use \"auto\"")
     bf16 = filled.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = bool(cfg.bf16)
+        bf16["enabled"] = precision == "bf16"
     if bf16["enabled"]:
         # a step whose gradients are not finite is discarded by the engine; the recipe then counts it
         # against --max_nonfinite_skips (train/loop.py)
         bf16["check_grad_overflow"] = True
-    if filled.get("fp16", {}).get("enabled") is True:
-        raise DeepSpeedConfigError("--deepspeed: fp16 is not supported; use the bf16 block")
+    fp16 = filled.setdefault("fp16", {"enabled": "auto"})
+    if fp16.get("enabled", "auto") == "auto":
+        fp16["enabled"] = precision == "fp16"
+    if fp16["enabled"]:
+        fp16.setdefault("loss_scale", 0)  # dynamic loss scaling
+        fp16.setdefault("initial_scale_power", 16)
+    if fp16["enabled"] and bf16["enabled"]:
+        raise DeepSpeedConfigError("--deepspeed: the JSON enables both fp16 and bf16; set them to \"auto\"")
     zero = filled.setdefault("zero_optimization", {})
     h = hidden_size or 4096
     # ZeRO-3 keeps gathered parameters alive up to max_live_parameters (DeepSpeed's default 1e9 is the

@@ -35,6 +35,7 @@ from train.loop import (  # noqa: E402
 )
 from train.model_setup import build_model, model_config  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
+from train.precision import resolve_precision  # noqa: E402
 from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state  # noqa: E402
 from train.tracking import Tracker  # noqa: E402
 
@@ -44,6 +45,9 @@ def run(cfg: TrainConfig) -> int:
     info = init_distributed(need_process_group=bool(cfg.fsdp))
     try:
         torch.manual_seed(cfg.seed)
+        precision = resolve_precision(cfg.bf16, cfg.fp16, info.device)
+        if precision.note:
+            print0(precision.note)
         if cfg.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         for flag, why in ACCEPTED_NO_OP.items():
@@ -68,11 +72,11 @@ def run(cfg: TrainConfig) -> int:
 
         # the backend decides how weights arrive: sharded backends never materialize the full model on
         # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
-        backend = make_backend(info, cfg, getattr(model_config(cfg), "hidden_size", None))
-        model = backend.build_model(lambda placement: build_model(cfg, info, placement))
+        backend = make_backend(info, cfg, precision, getattr(model_config(cfg), "hidden_size", None))
+        model = backend.build_model(lambda placement: build_model(cfg, info, placement, precision))
         mode = "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full"
         varlen = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-        mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        mask_dtype = precision.compute_dtype  # the 4D packing mask in the dtype attention computes in
         if cfg.packing:
             def collate(units):
                 return collate_packed([[s for s in unit] for unit in units], pad_id, mask_dtype, varlen)
@@ -109,13 +113,15 @@ def run(cfg: TrainConfig) -> int:
                                        {**st.as_dict(), "per_device_train_batch_size": cfg.per_device_train_batch_size},
                                        info, backend, cfg.save_total_limit))
 
-        eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info)) if eval_samples else None
+        eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info, precision.autocast_dtype)) \
+            if eval_samples else None
         tracker = Tracker(cfg, info.is_main, total_steps, state.step)
         install_signal_handlers()
         try:
             state = train_loop(cfg=cfg, info=info, backend=backend, model=wrapped, optimizer=optimizer,
                                scheduler=scheduler, stream=stream, samples=samples, collate=collate,
-                               total_steps=total_steps, state=state, tracker=tracker, save=save, eval_fn=eval_fn)
+                               total_steps=total_steps, state=state, tracker=tracker, save=save, eval_fn=eval_fn,
+                               precision=precision)
             if eval_fn is not None and cfg.evaluation_strategy != "no":
                 tracker.log(state.step, eval_fn())
         finally:
@@ -125,7 +131,7 @@ def run(cfg: TrainConfig) -> int:
         # gathered collectively onto rank 0's CPU: the whole model, or only the adapter's trainable weights
         final_state = backend.export_state(wrapped, trainable_only=mode != "full")
         out = export_model(backend.unwrap(wrapped), final_state, tokenizer, cfg, mode, info.is_main,
-                           {"train_stats": train_stats.summary(), "steps": state.step})
+                           {"train_stats": train_stats.summary(), "steps": state.step, "precision": precision.name})
         print0(f"[train] done: {state.step} steps; model written to {out}")
         return 0
     finally:

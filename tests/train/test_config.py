@@ -28,7 +28,7 @@ def test_fastchat_flags_parse():
     ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be >= 1"),
     ("--template", "vicuna", "--template must be one of"),
     ("--mask", "assistants", "--mask must be one of"),
-    ("--bf16", "maybe", "--bf16 expects True or False"),
+    ("--bf16", "maybe", "--bf16 expects True, False or force"),
     ("--lr_scheduler_type", "cosinus", "--lr_scheduler_type must be one of"),
     ("--bits", "3", "--bits must be 4 or 8"),
     ("--gradient_accumulation_steps", "two", "--gradient_accumulation_steps expects int"),
@@ -82,7 +82,8 @@ def test_deepspeed_auto_values_come_from_flags():
 
     cfg = parse_args(BASE + ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5",
                              "--max_grad_norm", "0.7", "--bf16", "True"])
-    filled = fill_auto(load_ds_config("ds_configs/zero3_offload.json"), cfg, world_size=4, hidden_size=64)
+    filled = fill_auto(load_ds_config("ds_configs/zero3_offload.json"), cfg, world_size=4, hidden_size=64,
+                       precision="bf16")
     assert filled["train_micro_batch_size_per_gpu"] == 3 and filled["gradient_accumulation_steps"] == 5
     assert filled["train_batch_size"] == 60 and filled["gradient_clipping"] == 0.7 and filled["bf16"]["enabled"] is True
     assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
@@ -128,8 +129,11 @@ def test_deepspeed_json_scheduler_block_is_refused_optimizer_block_is_used(tmp_p
 def test_deepspeed_bf16_discards_non_finite_steps():
     from train.sharding_config import fill_auto, load_ds_config
 
-    filled = fill_auto(load_ds_config("ds_configs/zero3.json"), parse_args(BASE + ["--bf16", "True"]), 2, 64)
-    assert filled["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    filled = fill_auto(load_ds_config("ds_configs/zero3.json"), parse_args(BASE + ["--bf16", "True"]), 2, 64, "bf16")
+    assert filled["bf16"] == {"enabled": True, "check_grad_overflow": True} and filled["fp16"] == {"enabled": False}
+    filled = fill_auto(load_ds_config("ds_configs/zero3.json"), parse_args(BASE + ["--fp16", "True"]), 2, 64, "fp16")
+    assert filled["bf16"] == {"enabled": False}
+    assert filled["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
 
 
 def test_max_nonfinite_skips_is_accepted_with_deepspeed():

@@ -29,7 +29,7 @@ def samples(n=8, seed=0):
 def step_grads(model_dir, batches):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    loss, n_sup = accumulate_gradients(model, batches, Backend(INFO), INFO, bf16=False)
+    loss, n_sup = accumulate_gradients(model, batches, Backend(INFO), INFO, None)
     return loss, n_sup, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -37,7 +37,7 @@ def test_lora_weights_in_every_layer_change_after_eval(tiny_llama, tmp_path):
     backend = Backend(INFO)
 
     def grads_after_step(seed):
-        accumulate_gradients(model, [collate_padded(_batch(seed), pad_id=0)], backend, INFO, bf16=True)
+        accumulate_gradients(model, [collate_padded(_batch(seed), pad_id=0)], backend, INFO, torch.bfloat16)
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
         opt.zero_grad()

@@ -39,10 +39,10 @@ def test_train_package_has_no_import_cycle():
 
 
 def test_config_is_a_leaf():
-    assert _train_imports(TRAIN / "config.py") == {"sharding_config"}
-    assert _train_imports(TRAIN / "sharding_config.py") == set()
+    assert _train_imports(TRAIN / "config.py") == {"sharding_config", "precision"}
+    assert _train_imports(TRAIN / "sharding_config.py") == set() and _train_imports(TRAIN / "precision.py") == set()
     # and importing it pulls in no backend (so validating flags never loads torch.distributed machinery)
     code = ("import sys, train.config; "
             "print(sorted(m for m in sys.modules if m.startswith('train.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TRAIN.parent, check=True)
-    assert out.stdout.strip() == "['train.config', 'train.sharding_config']", out.stdout
+    assert out.stdout.strip() == "['train.config', 'train.precision', 'train.sharding_config']", out.stdout

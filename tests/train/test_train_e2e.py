@@ -89,7 +89,10 @@ def test_full_finetune_export_reloads_and_learns(tiny_llama, tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     record = json.loads((out / "chattune.json").read_text())
-    assert record["template"] == "chatml" and record["mode"] == "full" and record["flags"]["bf16"] is True
+    assert record["template"] == "chatml" and record["mode"] == "full" and record["flags"]["bf16"] == "true"
+    from train.precision import resolve_precision
+
+    assert record["precision"] == resolve_precision("true", False, torch.device("cpu")).name  # what it computed in
     assert json.loads((out / "data_report.json").read_text())["kept"] == 257
 
 
