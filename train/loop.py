@@ -21,6 +21,7 @@ from train.backends import Backend
 from train.collate import METADATA_KEYS, num_supervised
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from train.loss import targets as loss_targets
 from train.precision import Precision
 from train.sampler import MicroBatchStream, SamplerState
 
@@ -56,9 +57,12 @@ def token_loss_sum(model, batch: dict, device: torch.device, autocast: torch.dty
     """Sum of cross-entropy over supervised positions (labels are already shifted by the collator);
     `autocast`: bf16/fp16 compute dtype, or None for fp32 (train/precision.py)."""
     inputs = {k: v.to(device) for k, v in batch.items() if k not in METADATA_KEYS}
-    labels = batch["labels"].to(device)
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None), \
+            loss_targets(batch["labels"]):
         logits = model(**inputs, use_cache=False).logits
+    if logits.dim() == 0:  # the chunked head (train/loss.py) returned the loss sum itself
+        return logits
+    labels = batch["labels"].to(device)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 

@@ -6,6 +6,7 @@ import torch
 
 from train.config import TrainConfig
 from train.distributed import DistInfo, print0
+from train.loss import install as install_chunked_loss
 from train.modeling import disable_avx512bf16_repack, flash_attn_available, load_causal_lm, resolve_model_dir
 from train.precision import Precision, resolve_precision
 
@@ -84,11 +85,12 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 even on a bf16 base
         model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
+    chunked = install_chunked_loss(model)  # the loss never holds tokens × vocab fp32 logits
     if not meta:
         n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
         n_all = sum(_numel(p) for p in model.parameters())
         print0(f"[model] {type(model).__name__} from {cfg.model_name_or_path}: {n_train:,} trainable / {n_all:,} "
-               f"parameters, attention={kwargs['attn_implementation']}")
+               f"parameters, attention={kwargs['attn_implementation']}, loss={'chunked' if chunked else 'plain'}")
     return model
 
 
