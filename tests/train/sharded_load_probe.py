@@ -19,6 +19,7 @@ from train.backend_select import make_backend  # noqa: E402
 from train.config import parse_args  # noqa: E402
 from train.distributed import cleanup, init_distributed  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
+from train.precision import resolve_precision  # noqa: E402
 
 INPUT = [[1, 200, 3000, 45, 9, 77, 12000, 5, 31, 400]]
 
@@ -30,8 +31,9 @@ def main(out: str, argv: list[str]) -> None:
     real_load = model_setup.load_causal_lm
     model_setup.load_causal_lm = lambda *a, **k: loads.append(1) or real_load(*a, **k)
     try:
-        backend = make_backend(info, cfg, model_setup.model_config(cfg).hidden_size)
-        model = backend.build_model(lambda placement: model_setup.build_model(cfg, info, placement))
+        precision = resolve_precision(cfg.bf16, cfg.fp16, info.device)
+        backend = make_backend(info, cfg, precision, model_setup.model_config(cfg).hidden_size)
+        model = backend.build_model(lambda placement: model_setup.build_model(cfg, info, placement, precision))
         # a ZeRO-3 parameter with numel() == 0 is partitioned: this rank holds only its slice
         partitioned = [n for n, p in model.named_parameters() if getattr(p, "ds_numel", 0) > p.numel() == 0]
         wrapped, _ = backend.setup(model, lambda m: make_optimizer(cfg, m))
