@@ -41,6 +41,7 @@ bench-preprocess: assets
 	$(PY) scripts/bench_preprocess.py
 
 bench-train: assets
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) scripts/bench_train.py
 
 clean-cache:

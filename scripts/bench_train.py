@@ -1,13 +1,19 @@
-"""Training throughput on CPU: packing vs dynamic padding vs FastChat-style pad-to-model_max_length.
+"""Training throughput on CPU: chattune (packing, dynamic padding), TRL's SFTTrainer, FastChat-style padding.
 
     python scripts/bench_train.py [--models smollm2 tiny] [--steps 4] [--max_length 512]
+    pip install -e '.[bench]'   # TRL, for the `trl` row (skipped with a note when it is missing)
+
+`trl` is TRL's `SFTTrainer` on the same conversations: assistant-only loss (`assistant_only_loss=True`; TRL
+swaps in a ChatML training template with generation markers), packing with its best-fit-decreasing
+padding-free rows of `--max_length`, one row per step, same optimizer (fused AdamW) and precision. Its time per
+step is measured from step begin to step end (forward, backward, optimizer) with a TrainerCallback.
 
 For each model and batching mode, in a fresh process (so peak RSS is per mode), runs warm-up + N
-optimizer steps of the real loop pieces (collator, token-normalized loss, AdamW; bf16 autocast where this
+optimizer steps of the real loop pieces (collator, chunked token-normalized loss, AdamW; bf16 autocast where this
 CPU computes bf16 natively, else fp32 — train/precision.py, as `--bf16 True` does) on the
 embedded demo dataset and prints: tokens/s (non-pad), supervised tokens/s, useful-token fraction
 (non-pad / processed), peak RSS, and MFU = model FLOPs on non-pad tokens / the matmul peak of the dtype
-actually used, measured here (2048² products; both peaks are printed).
+actually used, measured here (2048² products).
 """
 
 from __future__ import annotations
@@ -23,7 +29,82 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("packing", "dynamic", "pad_to_max")
+MODES = ("packing", "trl", "dynamic", "pad_to_max")
+WARMUP = 2  # first steps allocate optimizer state and fault in memory
+
+
+def load_model(model_name: str, vocab: int):
+    import torch
+
+    torch.manual_seed(0)
+    if model_name == "smollm2":
+        from train.modeling import load_causal_lm
+
+        return load_causal_lm("asset:smollm2")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768,
+                                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4))
+
+
+def run_trl(model_name: str, steps: int, max_length: int) -> dict:
+    """TRL SFTTrainer (assistant-only loss, packing) on the demo conversations, timed per optimizer step."""
+    import tempfile
+    import time
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from data.records import Tally, read_records, valid_conversations
+    from data.tokenizer import load_tokenizer
+    from train.precision import resolve_precision
+
+    tok = load_tokenizer("asset:smollm2")
+    tok.chat_template = TRL_CHATML
+    rows = read_records(str(ROOT / "data" / "demo" / "chattune_demo.jsonl"))  # the same conversations chattune reads
+    conversations = [{"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+                     for _, msgs in valid_conversations(rows, Tally("bench"))]
+    model = load_model(model_name, len(tok))
+    precision = resolve_precision("true", False, torch.device("cpu"))
+    seen = {"real": 0, "processed": 0, "sup": 0, "flops": 0.0, "elapsed": 0.0, "steps": 0}
+    n_params = matmul_params(model)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > WARMUP:
+                seen["elapsed"] += time.perf_counter() - self.t
+                seen["steps"] += 1
+
+    class Counting(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.state.global_step >= WARMUP:
+                real = int(inputs["input_ids"].numel())  # padding-free: one row, no padding
+                seen["real"] += real
+                seen["processed"] += real
+                seen["sup"] += int((inputs["labels"] != -100).sum())
+                seen["flops"] += real * flops_per_token(model.config, n_params, real)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, max_length=max_length, packing=True, assistant_only_loss=True,
+                         per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=steps + WARMUP,
+                         learning_rate=1e-5, optim="adamw_torch_fused", lr_scheduler_type="constant",
+                         bf16=precision.name == "bf16", use_cpu=True, report_to="none", save_strategy="no",
+                         logging_strategy="no", dataloader_num_workers=0, dataset_num_proc=1, seed=0)
+        trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(conversations),
+                           processing_class=tok, callbacks=[Timer()])
+        trainer.train()
+    elapsed = max(seen["elapsed"], 1e-9)
+    return {"model": model_name, "mode": "trl", "params": n_params, "tokens_per_s": seen["real"] / elapsed,
+            "supervised_tokens_per_s": seen["sup"] / elapsed, "useful_fraction": seen["real"] / max(seen["processed"], 1),
+            "achieved_flops": seen["flops"] / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "precision": precision.name, "steps": seen["steps"],
+            "processed_tokens_per_step": seen["processed"] / max(seen["steps"], 1)}
 
 
 def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
@@ -38,12 +119,30 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+# ChatML as chattune's `chatml` template renders it, with TRL's generation markers around what chattune
+# supervises (each reply and its <|im_end|>); TRL cannot patch SmolLM2's own template for assistant-only loss
+TRL_CHATML = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\n' }}{%- else %}{{ message['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: all but an untied input embedding (a lookup costs no FLOPs)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    n = sum(p.numel() for p in model.parameters())
+    return n if head is not None and head.weight is embed.weight else n - embed.weight.numel()
+
+
 def flops_per_token(config, n_params: int, seq: int) -> float:
     # 6N for the dense part (forward + backward) plus attention scores/values: 12 · layers · hidden · seq
     return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
 def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int) -> dict:
+    if mode == "trl":
+        return run_trl(model_name, steps, max_length)
     import torch
 
     from data.dataset import DataConfig, build_dataset
@@ -52,6 +151,7 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     from train.collate import collate_packed, collate_padded
     from train.distributed import DistInfo
     from train.loop import accumulate_gradients
+    from train.loss import install as install_chunked_loss
     from train.precision import resolve_precision
     from train.sampler import PlanConfig, plan_epoch
 
@@ -60,15 +160,8 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     ds, _, _ = build_dataset(ROOT / "data" / "demo" / "chattune_demo.jsonl", tok,
                              DataConfig(template="chatml", max_length=max_length), verbose=False)
     samples = ds.select_columns(["input_ids", "labels"]).to_list()
-    if model_name == "smollm2":
-        from train.modeling import load_causal_lm
-
-        model = load_causal_lm("asset:smollm2")
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768,
-                                             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4))
+    model = load_model(model_name, len(tok))
+    install_chunked_loss(model)  # as train/model_setup.py does
     model.train()
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     precision = resolve_precision("true", False, info.device)
@@ -82,11 +175,11 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
         batches = [collate_padded([samples[u[0]] for u in mb], tok.pad_token_id, pad_to) for mb in plan]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # what train/optim.py uses
     backend = Backend(info)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = matmul_params(model)
     real = processed = sup = 0
     flops = 0.0
     elapsed = 0.0
-    warmup = 2  # first steps allocate optimizer state and fault in memory
+    warmup = WARMUP
     for k, b in enumerate(batches[: steps + warmup]):
         t = time.perf_counter()
         _, n_sup = accumulate_gradients(model, [b], backend, info, precision.autocast_dtype)
@@ -120,18 +213,24 @@ def main() -> None:
         return
     import torch
 
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
-    print(f"measured matmul peak ({torch.get_num_threads()} threads): bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
-          f"fp32 {peak_fp32 / 1e9:.0f} GFLOP/s")
     from train.precision import resolve_precision
 
     used = resolve_precision("true", False, torch.device("cpu"))
-    peak = peak_bf16 if used.name == "bf16" else peak_fp32
+    # only the dtype actually used: an emulated bf16 peak alone takes minutes on a CPU without native bf16
+    peak = matmul_peak(used.compute_dtype)
     print(f"computing in {used.name} (--bf16 True on this CPU){'; ' + used.note if used.note else ''}")
+    print(f"measured {used.name} matmul peak ({torch.get_num_threads()} threads): {peak / 1e9:.0f} GFLOP/s")
     print(f"{'model':<9}{'mode':<12}{'tok/s':>9}{'sup tok/s':>11}{'useful':>8}{'tok/step':>10}{'peak RSS':>10}"
           f"{'MFU(' + used.name + ')':>11}")
+    import importlib.util
+
+    have_trl = importlib.util.find_spec("trl") is not None
     for model in args.models:
+        sup: dict[str, float] = {}
         for mode in MODES:
+            if mode == "trl" and not have_trl:
+                print(f"{model:<9}{mode:<12} skipped: TRL is not installed (pip install -e '.[bench]')")
+                continue
             out = subprocess.run([sys.executable, __file__, "--one", model, mode, "--steps", str(args.steps),
                                   "--max_length", str(args.max_length), "--batch", str(args.batch)],
                                  capture_output=True, text=True, cwd=ROOT)
@@ -142,6 +241,12 @@ def main() -> None:
             print(f"{model:<9}{mode:<12}{r['tokens_per_s']:>9.0f}{r['supervised_tokens_per_s']:>11.0f}"
                   f"{r['useful_fraction']:>8.1%}{r['processed_tokens_per_step']:>10.0f}{r['peak_rss_mb']:>8.0f}MB"
                   f"{r['achieved_flops'] / peak:>11.1%}", flush=True)
+            sup[mode] = r["supervised_tokens_per_s"]
+        if "packing" in sup:  # goals (issue 12): >= 1.2x TRL, >= 3x FastChat-style padding
+            for other, goal in (("trl", 1.2), ("pad_to_max", 3.0)):
+                if other in sup:
+                    print(f"{model:<9}chattune packing vs {other}: {sup['packing'] / sup[other]:.2f}x supervised tokens/s "
+                          f"(goal >= {goal}x)", flush=True)
 
 
 if __name__ == "__main__":
