@@ -1,7 +1,8 @@
 """`make demo`: fine-tune SmolLM2-135M-Instruct on the embedded demo dataset on CPU and show the change.
 
 1. scores the base model (from the GGUF asset) on held-out identity questions and facts (eval.identity),
-2. runs the real training entry point (full fine-tune, bf16 autocast, packing) on data/demo,
+2. runs the real training entry point (full fine-tune, `--bf16 True`: bf16 where the CPU has it natively, else
+   fp32; packing) on data/demo,
 3. scores the fine-tuned model on the same questions, and ends with a short scripted chat.
 
     python scripts/demo.py [--output_dir outputs/demo] [--epochs 3]
@@ -40,7 +41,7 @@ def main() -> int:
     before = run_identity_eval(load_for_chat("asset:smollm2"), items)  # its own chat template (tokenizer's)
     print_report(before, "base model (SmolLM2-135M-Instruct, its own chat template) on held-out questions")
 
-    print("\n== fine-tuning on data/demo/chattune_demo.jsonl (full fine-tune, bf16 autocast, packing, CPU)", flush=True)
+    print("\n== fine-tuning on data/demo/chattune_demo.jsonl (full fine-tune, --bf16 True, packing, CPU)", flush=True)
     t0 = time.time()
     cmd = [sys.executable, str(ROOT / "train" / "train.py"), "--model_name_or_path", "asset:smollm2",
            "--data_path", str(DEMO / "chattune_demo.jsonl"), "--output_dir", args.output_dir, "--template", "chatml",
