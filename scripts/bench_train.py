@@ -68,7 +68,7 @@ def run_trl(model_name: str, steps: int, max_length: int) -> dict:
                      for _, msgs in valid_conversations(rows, Tally("bench"))]
     model = load_model(model_name, len(tok))
     precision = resolve_precision("true", False, torch.device("cpu"))
-    seen = {"real": 0, "processed": 0, "sup": 0, "flops": 0.0, "elapsed": 0.0, "steps": 0}
+    seen = new_tally()
     n_params = matmul_params(model)
 
     class Timer(TrainerCallback):
@@ -99,11 +99,20 @@ def run_trl(model_name: str, steps: int, max_length: int) -> dict:
         trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(conversations),
                            processing_class=tok, callbacks=[Timer()])
         trainer.train()
+    return summarize(model_name, "trl", n_params, precision.name, seen)
+
+
+def new_tally() -> dict:
+    """What a run adds up over its measured (post-warm-up) steps."""
+    return {"real": 0, "processed": 0, "sup": 0, "flops": 0.0, "elapsed": 0.0, "steps": 0}
+
+
+def summarize(model_name: str, mode: str, n_params: int, precision: str, seen: dict) -> dict:
     elapsed = max(seen["elapsed"], 1e-9)
-    return {"model": model_name, "mode": "trl", "params": n_params, "tokens_per_s": seen["real"] / elapsed,
-            "supervised_tokens_per_s": seen["sup"] / elapsed, "useful_fraction": seen["real"] / max(seen["processed"], 1),
-            "achieved_flops": seen["flops"] / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "precision": precision.name, "steps": seen["steps"],
+    return {"model": model_name, "mode": mode, "params": n_params, "precision": precision, "steps": seen["steps"],
+            "tokens_per_s": seen["real"] / elapsed, "supervised_tokens_per_s": seen["sup"] / elapsed,
+            "useful_fraction": seen["real"] / max(seen["processed"], 1), "achieved_flops": seen["flops"] / elapsed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "processed_tokens_per_step": seen["processed"] / max(seen["steps"], 1)}
 
 
@@ -176,28 +185,23 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # what train/optim.py uses
     backend = Backend(info)
     n_params = matmul_params(model)
-    real = processed = sup = 0
-    flops = 0.0
-    elapsed = 0.0
-    warmup = WARMUP
-    for k, b in enumerate(batches[: steps + warmup]):
+    seen = new_tally()
+    for k, b in enumerate(batches[: steps + WARMUP]):
         t = time.perf_counter()
         _, n_sup = accumulate_gradients(model, [b], backend, info, precision.autocast_dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t
-        if k < warmup:
+        if k < WARMUP:
             continue
-        elapsed += dt
         n_real = int(b["num_tokens"])
-        real += n_real
-        processed += b["input_ids"].numel()
-        sup += n_sup
-        flops += n_real * flops_per_token(model.config, n_params, b["input_ids"].shape[1])
-    return {"model": model_name, "mode": mode, "params": n_params, "tokens_per_s": real / elapsed,
-            "supervised_tokens_per_s": sup / elapsed, "useful_fraction": real / processed,
-            "achieved_flops": flops / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "precision": precision.name, "steps": min(steps, len(batches) - warmup), "processed_tokens_per_step": processed / max(min(steps, len(batches) - warmup), 1)}
+        seen["elapsed"] += dt
+        seen["steps"] += 1
+        seen["real"] += n_real
+        seen["processed"] += b["input_ids"].numel()
+        seen["sup"] += n_sup
+        seen["flops"] += n_real * flops_per_token(model.config, n_params, b["input_ids"].shape[1])
+    return summarize(model_name, mode, n_params, precision.name, seen)
 
 
 def main() -> None:

@@ -93,9 +93,14 @@ def run(script: str, args: list[str], nproc: int | None = None, check: bool = Tr
     return proc
 
 
-def losses(out: Path) -> dict[int, float]:
+def metric(out: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every metrics.jsonl row that logged `key`, in order."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return dict(metric(out, "loss"))
 
 
 

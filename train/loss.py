@@ -57,7 +57,6 @@ def install(model) -> bool:
         return chunked_cross_entropy_sum(hidden, head.weight, head.bias, labels)
 
     head.forward = forward
-    head._chattune_chunked_loss = True
     return True
 
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEMO, ENV, ROOT, common, losses, run, train_cmd
+from helpers import DEMO, ENV, ROOT, common, losses, metric, run, train_cmd
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -87,10 +87,6 @@ def single_lora(tiny_llama, eval_data, tmp_path_factory):
     return out
 
 
-def _rows(out, key):
-    return [(r["step"], r[key]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
-
-
 def _peft_logits(base, adapter_dir) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -110,11 +106,11 @@ def test_lora_sharded_eval_adapter_and_lean_resumable_checkpoint(backend, single
     run("train.py", common(tiny_llama, out, **flags), nproc=2, timeout=TIMEOUT)
 
     # eval: ranks ran 2 and 1 batches, no hang, and the loss is the single-process one
-    got, ref = _rows(out, "eval_loss"), _rows(single_lora, "eval_loss")
+    got, ref = metric(out, "eval_loss"), metric(single_lora, "eval_loss")
     assert [s for s, _ in got] == [s for s, _ in ref] and len(got) >= 3
     for (_, a), (_, b) in zip(got, ref):
         assert abs(a - b) <= 1e-4 * abs(b), (a, b)
-    for (_, a), (_, b) in zip(_rows(out, "grad_norm"), _rows(single_lora, "grad_norm")):
+    for (_, a), (_, b) in zip(metric(out, "grad_norm"), metric(single_lora, "grad_norm")):
         assert abs(a - b) <= 1e-3 * abs(b), (a, b)  # the real global norm (DeepSpeed used to report 0.0)
 
     # the adapter: every tensor present and non-empty, lora_B trained, equal to the single-process adapter
@@ -196,7 +192,7 @@ def test_deepspeed_non_finite_step_is_skipped_then_stops_like_single_process(tin
     assert sorted(b) == [1, 2, 3]  # the skipped step does not count; the one after it trains on new data
     for step in a:
         assert abs(a[step] - b[step]) <= 2e-4 * abs(a[step]), (step, a[step], b[step])
-    for (_, x), (_, y) in zip(_rows(single, "grad_norm"), _rows(zero2, "grad_norm")):
+    for (_, x), (_, y) in zip(metric(single, "grad_norm"), metric(zero2, "grad_norm")):
         assert abs(x - y) <= 1e-3 * x and y > 0
 
     stopped = _run_with_nan(tmp_path, common(tiny_llama, tmp_path / "stop", per_device_train_batch_size=2,
