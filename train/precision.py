@@ -52,6 +52,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which bf16 matmuls run natively; below them oneDNN emulates
+# bf16 even on a CPU that has the instructions. ATen's own cap (ATEN_CPU_CAPABILITY) below avx512 does the same
+# for its bf16 kernels. Both are how one makes a fast CPU behave like an AVX2-only one (and how users cap it).
+NATIVE_BF16_ONEDNN_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_1_512_AMX",
+                                     "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "ALL",
+                                     "DEFAULT"})
+
+
+def isa_capped_below_bf16(env: dict | None = None) -> str:
+    """The environment variable that caps the CPU ISA below native bf16, or "" when none does."""
+    import os
+
+    env = os.environ if env is None else env
+    onednn = env.get("ONEDNN_MAX_CPU_ISA", env.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if onednn and onednn not in NATIVE_BF16_ONEDNN_ISAS:
+        return f"ONEDNN_MAX_CPU_ISA={onednn}"
+    aten = env.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten in ("default", "avx2", "zvector", "vsx"):
+        return f"ATEN_CPU_CAPABILITY={aten}"
+    return ""
+
+
 def parse_bf16_flag(value) -> str:
     """`--bf16` value → "true" | "false" | "force"."""
     low = str(value).strip().lower()
@@ -65,8 +87,8 @@ def parse_bf16_flag(value) -> str:
 
 
 def resolve_precision(bf16: str, fp16: bool, device: torch.device, flags: frozenset[str] | None = None,
-                      cuda_bf16: bool | None = None) -> Precision:
-    """The precision a run computes in. `flags` / `cuda_bf16` default to this machine's (tests pass them)."""
+                      cuda_bf16: bool | None = None, env: dict | None = None) -> Precision:
+    """The precision a run computes in. `flags` / `cuda_bf16` / `env` default to this machine's (tests pass them)."""
     bf16 = parse_bf16_flag(bf16)
     if fp16 and bf16 != "false":
         raise PrecisionError("--fp16 and --bf16 are alternatives; pass one")
@@ -88,4 +110,8 @@ def resolve_precision(bf16: str, fp16: bool, device: torch.device, flags: frozen
             return Precision("fp32", "[precision] --bf16 True: this CPU has no native bf16 (no avx512_bf16/amx_bf16), "
                                      "where bf16 is 10-20x slower than fp32; computing in fp32 "
                                      "(--bf16 force to use bf16 anyway)")
+        capped = isa_capped_below_bf16(env)
+        if capped:
+            return Precision("fp32", f"[precision] --bf16 True: {capped} caps this CPU below native bf16, where bf16 "
+                                     "is 10-20x slower than fp32; computing in fp32 (--bf16 force to use bf16 anyway)")
     return Precision("bf16")

@@ -29,12 +29,27 @@ SAPPHIRE_RAPIDS = AVX2_EPYC | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
     ("false", True, CUDA, frozenset(), False, "fp16"),   # T4
 ])
 def test_selection(bf16, fp16, device, flags, cuda_bf16, expected):
-    chosen = resolve_precision(bf16, fp16, device, flags=flags, cuda_bf16=cuda_bf16)
+    chosen = resolve_precision(bf16, fp16, device, flags=flags, cuda_bf16=cuda_bf16, env={})
     assert chosen.name == expected
     assert chosen.loss_scaling == (expected == "fp16")
     assert chosen.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
     fell_back = bf16 == "true" and expected == "fp32"
     assert ("no native bf16" in chosen.note) == fell_back and (chosen.note.count("\n") == 0)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, "bf16"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "fp32"),
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, "fp32"),       # AVX-512 without its BF16 extension
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "bf16"),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, "fp32"),
+    ({"ATEN_CPU_CAPABILITY": "avx512"}, "bf16"),
+])
+def test_isa_caps_count_as_no_native_bf16(env, expected):
+    """A fast CPU capped to AVX2 (how users, and our timing runs, emulate the slow kind) emulates bf16 too."""
+    chosen = resolve_precision("true", False, CPU, flags=SAPPHIRE_RAPIDS, env=env)
+    assert chosen.name == expected
+    assert (next(iter(env.items()))[0] in chosen.note) == (expected == "fp32")
 
 
 def test_gpu_without_bf16_points_to_fp16():
