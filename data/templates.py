@@ -263,13 +263,16 @@ def _end_of_last_special(text: str, special: set[str]) -> int:
 # render_text renders, with and without a generation prompt.
 
 
-def _jinja_system(default: str | None, pre: str = "", post: str = "", empty: str = "") -> str:
-    """Emit the system block and set `loop_messages` to the rest of the conversation."""
+def _jinja_system(default: str | None, pre: str = "", post: str = "", empty: str = "", skip_empty: bool = False) -> str:
+    """Emit the system block and set `loop_messages` to the rest of the conversation. `skip_empty`: an empty
+    system prompt renders as none (FastChat's llama-2 style tests the prompt's truth, not its presence)."""
     with_sys = "{{ " + repr(pre) + " + messages[0]['content'] + " + repr(post) + " }}"
     without = "{{ " + repr(default if default is not None else empty) + " }}"
+    has = "messages[0]['role'] == 'system'" + (" and messages[0]['content']" if skip_empty else "")
     return (
-        "{%- if messages[0]['role'] == 'system' -%}" + with_sys + "{%- set loop_messages = messages[1:] -%}"
-        "{%- else -%}" + without + "{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- if messages[0]['role'] == 'system' -%}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- if " + has + " -%}" + with_sys + "{%- else -%}" + without + "{%- endif -%}"
     )
 
 
@@ -285,7 +288,7 @@ def _jinja_colon_two(roles: tuple[str, str], sep: str, sep2: str, default_system
 
 def _jinja_llama2_style(pre: str, post: str, sep2_eot: str, sep2_next: str) -> str:
     return (
-        _jinja_system(None, pre, post, "[INST] ")
+        _jinja_system(None, pre, post, "[INST] ", skip_empty=True)
         + "{%- for m in loop_messages -%}{%- if m['role'] == 'user' -%}"
         "{%- if not loop.first -%}{{ " + repr(sep2_next + "[INST] ") + " }}{%- endif -%}{{ m['content'] + ' ' }}"
         "{%- else -%}{{ '[/INST] ' + m['content'] + " + repr(sep2_eot) + " }}{%- endif -%}{%- endfor -%}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-from data.templates import HEADER, Piece, render_pieces
+from data.templates import HEADER, Piece, jinja_chat_template, render_pieces, render_text
 from data.tokenizer import run_encoder
 
 IGNORE_INDEX = -100
@@ -333,6 +333,45 @@ def encode_prompt(messages: Sequence[dict], tokenizer, template: str) -> list[in
     """Ids of a conversation followed by the assistant's generation prompt, built exactly as in training."""
     pieces = render_pieces(list(messages), template, tokenizer, add_generation_prompt=True)
     return _encode_pieces_batch([(pieces, set())], tokenizer, "assistant")[0].input_ids
+
+
+def export_chat_template(template: str, tokenizer) -> str:
+    """The Jinja `chat_template` an exported tokenizer carries: `apply_chat_template(tokenize=True)` (what vLLM, TGI
+    and llama.cpp call, with `add_special_tokens=False`) then gives exactly `encode_prompt`'s ids.
+
+    Training's ids are the tokenizer's own for the rendered text *with* its automatic prefix (Llama's BOS), unless
+    the text already starts with it (Llama-3's `<|begin_of_text|>`). So the exported template emits that prefix too.
+    SentencePiece tokenizers also put a word-boundary `▁` before text that does not start with a space, but not
+    after a special token; for them the template adds that space itself whenever the text does not begin with one.
+    """
+    source = jinja_chat_template(template, tokenizer)
+    enc = run_encoder(tokenizer)
+    probe = render_text([{"role": "user", "content": "x"}], template, tokenizer, add_generation_prompt=True)
+    if not enc.prefix_ids or probe.startswith(enc.prefix_text):
+        return source
+    head = "{{- bos_token -}}" if enc.prefix_ids == [tokenizer.bos_token_id] else "{{- " + repr(enc.prefix_text) + " -}}"
+    n = len(enc.prefix_ids)
+    plain = tokenizer("x", add_special_tokens=False).input_ids
+    joined = tokenizer(enc.prefix_text + "x", add_special_tokens=False).input_ids
+    spaced = tokenizer(enc.prefix_text + " x", add_special_tokens=False).input_ids
+    if joined[n:] == plain or spaced[n:] != plain:
+        return head + source
+    starts_spaced = {role: _starts_with_space(template, tokenizer, role) for role in ("system", "user")}
+    return ("{%- if messages[0]['role'] == 'system' -%}{%- set lead_space = " + starts_spaced["system"] + " -%}"
+            "{%- else -%}{%- set lead_space = " + starts_spaced["user"] + " -%}{%- endif -%}"
+            + head + "{%- if not lead_space -%}{{ ' ' }}{%- endif -%}" + source)
+
+
+def _starts_with_space(template: str, tokenizer, first_role: str) -> str:
+    """A Jinja expression: does the rendered text begin with a space, for conversations opening with `first_role`?
+    Fixed when the text opens with template text; for templates opening with the first message's content (a
+    system prompt in vicuna/alpaca), that content followed by the template text after it decides."""
+    msgs = ([{"role": "system", "content": "x"}] if first_role == "system" else []) + [{"role": "user", "content": "y"}]
+    pieces = render_pieces(msgs, template, tokenizer, add_generation_prompt=True)
+    if pieces[0].kind != "content" or pieces[0].msg != 0:
+        return "true" if pieces[0].text.startswith(" ") else "false"
+    after = pieces[1].text if len(pieces) > 1 else ""
+    return "(messages[0]['content'] + " + repr(after) + ")[:1] == ' '"
 
 
 def end_of_turn(tokenizer, template: str) -> tuple[set[int], list[str]]:

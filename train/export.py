@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from data.templates import jinja_chat_template
+from data.tokenize import export_chat_template
 from train.config import TrainConfig, to_dict
 
 FORMAT_VERSION = 1
@@ -35,7 +35,7 @@ def export_model(model, state_dict: dict | None, tokenizer, cfg: TrainConfig, mo
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     saved_template = tokenizer.chat_template
     try:  # the exported tokenizer carries the template the model was trained with
-        tokenizer.chat_template = jinja_chat_template(cfg.template, tokenizer)
+        tokenizer.chat_template = export_chat_template(cfg.template, tokenizer)
         tokenizer.save_pretrained(out)
     finally:
         tokenizer.chat_template = saved_template

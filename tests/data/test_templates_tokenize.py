@@ -9,7 +9,8 @@ import pytest
 from helpers import random_conversation, supervised_spans
 
 from data.templates import END_OF_TURN, JINJA_TEMPLATES, jinja_chat_template, render_pieces, render_text
-from data.tokenize import tokenize_conversation
+from data.tokenize import encode_prompt, export_chat_template, tokenize_conversation
+from data.tokenizer import run_encoder
 
 # (template, tokenizer asset) pairs required by the issue: Llama-2 SPM for the FastChat templates,
 # Llama-3 BPE for llama-3, Qwen2 and SmolLM2 for chatml and the tokenizer's own template.
@@ -172,3 +173,56 @@ def test_bos_is_never_doubled(tokenizers):
         assert ids == tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
     finally:
         tok.chat_template = saved
+
+
+# Every built-in on every real tokenizer, plus each tokenizer's own template where it has one.
+EXPORT_MATRIX = [(t, a) for t in JINJA_TEMPLATES for a in ("llama-spm", "llama-bpe", "qwen2", "smollm2")] + \
+    [("tokenizer", "qwen2"), ("tokenizer", "smollm2")]
+
+
+@pytest.mark.parametrize("template,asset", EXPORT_MATRIX, ids=[f"{t}-{a}" for t, a in EXPORT_MATRIX])
+def test_exported_chat_template_gives_training_ids(template, asset, tokenizers):
+    """What other runtimes call — `apply_chat_template(tokenize=True, add_generation_prompt=True)` on the exported
+    tokenizer — gives exactly the ids training's prompt encoder gives: BOS (once), system prompt, and histories that
+    end in an assistant turn included."""
+    tok = tokenizers[asset]
+    exported = export_chat_template(template, tok)
+    saved = tok.chat_template
+    rng = random.Random(11)
+    try:
+        cases = [[{"role": "user", "content": "Hi there"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                 [{"role": "system", "content": " spaced"}, {"role": "user", "content": " Hi"}],
+                 [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]]
+        for k in range(12):
+            msgs = random_conversation(rng, system=k % 2 == 0)
+            cases += [msgs[:-1], msgs]  # ends in a user turn / in an assistant turn
+        for msgs in cases:
+            plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+            tok.chat_template = saved
+            want = encode_prompt(plain, tok, template)
+            tok.chat_template = exported
+            got = tok.apply_chat_template(plain, tokenize=True, add_generation_prompt=True, return_dict=False)
+            assert got == want, (template, asset, plain)
+        if run_encoder(tok).prefix_ids:  # the tokenizer's BOS leads, once
+            assert got[0] == tok.bos_token_id and got[1] != tok.bos_token_id
+    finally:
+        tok.chat_template = saved
+
+
+def test_exported_templates_use_only_portable_jinja(tokenizers):
+    """Runtimes outside transformers (llama.cpp's minja, TGI, vLLM) accept plain Jinja: no method calls, no
+    transformers-only tags ({% generation %}), no filter but `trim`, no variables beyond the standard ones."""
+    import jinja2
+    from jinja2 import nodes
+
+    env = jinja2.Environment()
+    for template in JINJA_TEMPLATES:
+        for asset in ("llama-spm", "llama-bpe"):
+            src = export_chat_template(template, tokenizers[asset])
+            tree = env.parse(src)  # also proves it parses with plain jinja2 (no HF extensions)
+            assert not list(tree.find_all(nodes.Call)), template
+            assert {f.name for f in tree.find_all(nodes.Filter)} <= {"trim"}, template
+            names = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"}
+            assert names <= {"messages", "loop_messages", "m", "loop", "add_generation_prompt", "bos_token",
+                             "lead_space"}, (template, names)
