@@ -129,6 +129,23 @@ class RichIO(SimpleIO):
         self.console.print(f"[dim]\\[{text}][/]")
 
 
+class ReplyInterrupt:
+    """While a reply streams, Ctrl-C only raises a flag that the loop checks after each shown delta, so the reply
+    stops at a delta boundary and what was shown is exactly what is kept (a KeyboardInterrupt could land between
+    writing a delta and recording it). At the prompt, Ctrl-C keeps its usual meaning (leave the chat)."""
+
+    def __enter__(self):
+        self.hit = False
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
 def trim_to_context(loaded: LoadedModel, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
     """Prompt ids that leave room for the reply, dropping the oldest exchanges (never the system prompt
     or the newest user turn). Returns (ids, number of messages dropped)."""
@@ -214,15 +231,21 @@ def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system:
         result = GenerationResult()
         io.start_reply(roles[1])
         t0 = time.perf_counter()
-        try:
+        shown: list[str] = []  # what reached the screen: the turn kept if Ctrl-C lands mid-reply
+        with ReplyInterrupt() as interrupt:
             for delta in stream_generate(loaded.model, loaded.tokenizer, ids, params, loaded.stop_token_ids, result):
                 io.write(delta)
-        except KeyboardInterrupt:
-            io.end_reply(result.text)
+                shown.append(delta)
+                if interrupt.hit:
+                    break
+        io.end_reply("".join(shown))
+        if interrupt.hit:
+            if not shown:  # no reply to keep; an unanswered user turn would break the turn order
+                messages.pop()
+                io.notice("reply interrupted before any text; your message was removed")
+                continue
             io.notice("reply interrupted")
-        else:
-            io.end_reply(result.text)
-        messages.append({"role": "assistant", "content": result.text})
+        messages.append({"role": "assistant", "content": "".join(shown)})
         if debug:
             dt = time.perf_counter() - t0
             io.notice(f"{result.completion_tokens} tokens in {dt:.2f} s ({result.completion_tokens / max(dt, 1e-9):.1f} tok/s), "

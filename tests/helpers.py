@@ -113,13 +113,18 @@ def free_port() -> int:
 
 
 def start_server(model_dir, *extra: str):
-    """`python -m serve.openai_api_server` on a free loopback port; returns (process, base URL) once it answers."""
-    port = free_port()
+    """`python -m serve.openai_api_server` on a free loopback port; returns (process, base URL) once it answers.
+    Its output goes to a file (`proc.log_path`): an unread pipe would stall a chatty server."""
+    import tempfile
+
     import httpx
 
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="chattune-server-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "serve.openai_api_server", "--model-path", str(model_dir),
-                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
                             text=True, env=ENV, cwd=ROOT)
+    proc.log_path = log.name
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -129,6 +134,6 @@ def start_server(model_dir, *extra: str):
         except httpx.HTTPError:
             time.sleep(0.3)
         if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
+            raise RuntimeError(Path(log.name).read_text())
     proc.kill()
     raise RuntimeError("server did not start")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -110,17 +111,27 @@ def test_ctrl_c_stops_the_reply_only(tokenizers, tmp_path):
         wait_for(b"[reply interrupted]")
         proc.stdin.write(f"second message{end}\n".encode())
         wait_for(b"[!OP:ASSISTANT]: ", times=2)
+        start = len(seen)
+        while len(seen) - start < 20:
+            seen += chunks.get(timeout=60)
         proc.send_signal(signal.SIGINT)  # also stops the second reply
         wait_for(b"[reply interrupted]", times=2)
+        saved = tmp_path / "chat.json"
+        proc.stdin.write(f"!!save {saved}{end}\n".encode())
+        wait_for(b"[saved ")
         proc.stdin.write(f"!!exit{end}\n".encode())
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
     finally:
         proc.kill()
     text = seen.decode(errors="replace")
-    first = text.split("[!OP:ASSISTANT]: ")[1].split(end)[0]
-    assert 0 < len(first) and "[!OP:USER]: second message" in text
+    shown = [part.split(end)[0] for part in text.split("[!OP:ASSISTANT]: ")[1:3]]
+    assert 0 < len(shown[0]) and "[!OP:USER]: second message" in text
     assert "Traceback" not in text
+    # the history kept exactly what was shown of each interrupted reply, and the chat went on after it
+    turns = json.loads(saved.read_text())["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert [turns[1]["value"], turns[3]["value"]] == shown
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,60 @@ def test_sampling_is_seeded_and_validated(tiny_llama, tokenizers):
     for bad in (SamplingParams(temperature=-1), SamplingParams(top_p=0), SamplingParams(max_new_tokens=0)):
         with pytest.raises(ValueError):
             bad.validate()
+
+
+TEXTS = ["Hello world, this is a reply.", "unicode: ünïcødé, 日本語のテキスト, emoji 🙂🚀 and more 🦜",
+         "code:\n```python\ndef f(x):\n    return x * 2\n```\n", "  spaced  out   words ", "tabs\tand\r\nnewlines"]
+
+
+@pytest.mark.parametrize("asset", ["llama-spm", "llama-bpe", "qwen2", "smollm2"])
+def test_incremental_decoding_equals_a_full_decode_at_bounded_cost(asset, tokenizers):
+    """The deltas add up to decoding the whole reply (byte-fallback pieces of one character included), and each
+    token re-decodes only a short window, however long the reply grows."""
+    from serve.generation import IncrementalDecoder
+
+    tok = tokenizers[asset]
+    for text in TEXTS + [" ".join(TEXTS) * 20]:
+        ids = tok.encode(text, add_special_tokens=False)
+        dec = IncrementalDecoder(tok)
+        windows = []
+        out = []
+        for t in ids:
+            out.append(dec.push(t))
+            windows.append(len(dec.tokens) - dec.prefix)
+            assert "\ufffd" not in out[-1]
+        out.append(dec.flush())
+        assert "".join(out) == tok.decode(ids, skip_special_tokens=True)
+        assert max(windows) <= 8  # a character never spans more than a few tokens
+
+
+def test_stop_matching_looks_only_at_the_new_tail():
+    from serve.generation import StopMatcher
+
+    m = StopMatcher(["</end>", "STOP"])
+    text = "word " * 5000
+    out = [m.feed(text[i:i + 3]) for i in range(0, len(text), 3)]
+    assert "".join(out) + m.flush() == text and not m.stopped
+    assert len(m.pending) < len("</end>")
+    m = StopMatcher(["</end>"])
+    assert m.feed("abc </e") == "abc " and m.pending == "</e"  # could still become the stop string: held
+    assert m.feed("nd> more") == "" and m.stopped              # it did: nothing of it is emitted
+    m = StopMatcher(["</end>"])
+    assert m.feed("x </e") == "x " and m.feed("arly") == "</early"  # it did not: released
+
+
+def test_repetition_penalty_counts_the_prompt_like_generate():
+    """HF's RepetitionPenaltyLogitsProcessor penalizes every token of input_ids, prompt included."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from serve.generation import TokenSampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(50)
+    prompt = [3, 7, 7, 20]
+    sampler = TokenSampler(SamplingParams(temperature=0, repetition_penalty=1.7), prompt, 50)
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt]), logits[None].clone())[0]
+    assert sampler(logits.clone()) == int(ref.argmax())
+    top = int(logits.argmax())
+    sampler = TokenSampler(SamplingParams(temperature=0, repetition_penalty=100.0), [top], 50)
+    assert sampler(logits.clone()) != top  # the prompt's token is penalized from the first step

@@ -14,8 +14,25 @@ from helpers import common, run, start_server
 def server(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("served")
     run("train.py", common(tiny_llama, out, max_steps=2, per_device_train_batch_size=2, save_strategy="no"))
-    proc, base = start_server(out, "--limit-concurrency", "2", "--model-name", "tiny")
+    proc, base = start_server(out, "--limit-concurrency", "2", "--max-queue", "2", "--model-name", "tiny",
+                              "--max-body-bytes", "200000", "--max-messages", "50")
     yield base, out
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def long_model(tokenizers, tmp_path_factory) -> str:
+    """A tiny model with a 32k context: its replies run long enough for slots to stay taken while a test looks."""
+    from helpers import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("long-context"), tokenizers["smollm2"], context=32768)
+
+
+@pytest.fixture(scope="module")
+def long_server(long_model):
+    proc, base = start_server(long_model, "--limit-concurrency", "2", "--max-queue", "2")
+    yield base
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -53,12 +70,18 @@ def test_models_chat_stream_and_completions(client):
     ("not json", None), ([1, 2], None), ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**7}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2**31}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # at most 4
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["s" * 65]}, "stop"),  # at most 64 characters each
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 25
+      + [{"role": "user", "content": "x"}]}, "messages"),  # 51 messages > --max-messages 50
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),  # > the 1024-token context
 ])
 def test_bad_requests_get_4xx_naming_the_parameter(server, body, param):
     import json
@@ -81,7 +104,7 @@ def test_concurrent_greedy_requests_match_sequential(client):
 
     sequential = [ask(m) for m in prompts]
     t0 = time.time()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:  # bounded: 6 requests, 2 at a time on the server
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:  # 2 decoded together, 2 waiting: all admitted
         concurrent_out = list(pool.map(ask, prompts, timeout=120))
     assert concurrent_out == sequential and time.time() - t0 < 120
 
@@ -98,4 +121,106 @@ def test_api_keys(server):
         assert OpenAI(base_url=f"{base}/v1", api_key="k2", max_retries=0).models.list().data
     finally:
         proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_limits_name_what_was_exceeded(server):
+    base = server[0]
+    big = httpx.post(f"{base}/v1/chat/completions", content=b"x" * 300_000, headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and "200000 bytes" in big.json()["error"]["message"]
+    many = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"},
+                                                                         {"role": "assistant", "content": "y"}] * 30})
+    assert many.status_code == 400 and "at most 50" in many.json()["error"]["message"]
+    long = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 3000}]})
+    assert long.status_code == 400 and "at most 1023 are allowed" in long.json()["error"]["message"]
+    # max_tokens beyond the context is clamped to what fits, not refused
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=120,
+                   json={"messages": MSGS, "max_tokens": 10**7, "temperature": 0, "stop": ["x" * 64] * 4})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 1024
+
+
+def _hold_streams(base: str, count: int) -> list:
+    """Open `count` long streams and read their first chunk: each holds a generation slot until closed."""
+    held = []
+    for _ in range(count):
+        cm = httpx.stream("POST", f"{base}/v1/chat/completions", timeout=60,
+                          json={"messages": MSGS, "max_tokens": 100000, "stream": True})
+        resp = cm.__enter__()
+        assert resp.status_code == 200
+        lines = resp.iter_lines()  # kept: a discarded iterator closes the response
+        next(lines)
+        held.append((cm, lines))
+    return held
+
+
+@pytest.mark.slow
+def test_admission_429_and_a_free_event_loop(long_server):
+    """--limit-concurrency 2 running + --max-queue 2 waiting: the 5th concurrent generation gets 429 with
+    Retry-After (streaming and not); /health and /v1/models answer at once meanwhile; closing frees every slot."""
+    base = long_server
+    held = _hold_streams(base, 4)
+    try:
+        for stream in (False, True):
+            r = httpx.post(f"{base}/v1/chat/completions", json={"messages": MSGS, "stream": stream}, timeout=30)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        with httpx.Client(timeout=5) as c:  # one client: a new httpx.Client alone costs tens of ms (SSL context)
+            for path in ("/health", "/v1/models") * 5:
+                t0 = time.perf_counter()
+                assert c.get(f"{base}{path}").status_code == 200
+                assert time.perf_counter() - t0 < 0.1, path
+        health = httpx.get(f"{base}/health").json()
+        assert health["running"] == 2 and health["waiting"] == 2 and health["admitted"] == 4
+    finally:
+        for cm, _ in held:
+            cm.__exit__(None, None, None)
+    _wait_idle(base)
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200
+
+
+def _wait_idle(base: str, timeout: float = 10) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        health = httpx.get(f"{base}/health").json()
+        if health["admitted"] == 0 and health["running"] == 0 and health["waiting"] == 0:
+            return health
+        assert time.time() < deadline, f"slots still held: {health}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_dropped_clients_free_their_slots_and_sigterm_exits_cleanly(long_model):
+    """20 streams dropped mid-reply in a row against --limit-concurrency 1, then a non-streaming client that gives up:
+    each generation is cancelled and the server answers normally. SIGTERM during a long generation: the grace period
+    passes, the generation is cancelled, the process exits 0."""
+    import signal
+
+    proc, base = start_server(long_model, "--limit-concurrency", "1", "--max-queue", "0", "--graceful-shutdown", "1")
+    try:
+        for _ in range(20):
+            with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=60,
+                              json={"messages": MSGS, "max_tokens": 100000, "stream": True}) as resp:
+                assert resp.status_code == 200  # max-queue 0: a slot still held by a dropped stream would be 429
+                for i, _ in enumerate(resp.iter_lines()):
+                    if i == 3:
+                        break
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 100000}, timeout=0.5)
+        _wait_idle(base)
+        r = httpx.post(f"{base}/v1/chat/completions", json={"messages": MSGS, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+        held = _hold_streams(base, 1)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.time() - t0 < 15  # 1 s of grace, then the generation is cancelled
+        for cm, _ in held:
+            cm.__exit__(None, None, None)
+    finally:
+        proc.kill()
         proc.wait(timeout=30)
