@@ -23,11 +23,16 @@ install: $(STAMP)
 assets: install
 	$(PY) -m data.assets
 
+# Two pytest workers: most tests wait on one single-threaded process (imports, a tiny model), so two of them
+# share the 2 cores of a CI machine far better than one (`PYTEST_WORKERS=0` runs them in one process).
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS = -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal)
+
 test: assets
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: assets
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 demo: assets
 	$(PY) -m data.validate $(DEMO_DATA)

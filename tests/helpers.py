@@ -68,13 +68,9 @@ DEMO = str(ROOT / "data" / "demo" / "chattune_demo.jsonl")
 ENV = {**os.environ, "CHATTUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                               os.path.expanduser("~/.cache/chattune/torch_extensions"))}
-_port = [29610]
-
-
 def train_cmd(script: str, nproc: int | None) -> list[str]:
-    if nproc:
-        _port[0] += 1
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port[0]}",
+    if nproc:  # a port the OS says is free: tests may run in parallel (pytest -n 2)
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                 str(ROOT / "train" / script)]
     return [sys.executable, str(ROOT / "train" / script)]
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from data.dataset import DataConfig, build_dataset, fingerprint
 from data.tokenize import tokenize_batch
@@ -96,7 +97,7 @@ def test_torchrun_rank0_builds_and_other_ranks_load(tmp_path):
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script),
          str(DEMO), str(tmp_path / "cache"), str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )

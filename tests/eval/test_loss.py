@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEMO, ENV, ROOT, common, losses, run
+from helpers import DEMO, ENV, ROOT, common, free_port, losses, run
 
 from data.tokenize import IGNORE_INDEX, tokenize_conversation
 from data.validate import load_conversations
@@ -25,7 +25,7 @@ CONVS = [
 
 
 def _loss(*args: str, nproc: int | None = None) -> subprocess.CompletedProcess:
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29877", "-m",
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m",
             "eval.loss"] if nproc else [sys.executable, "-m", "eval.loss"])
     return subprocess.run(cmd + list(args), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
 

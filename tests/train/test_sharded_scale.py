@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEMO, ENV, ROOT, common, losses, metric, run, train_cmd
+from helpers import DEMO, ENV, ROOT, common, free_port, losses, metric, run, train_cmd
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -40,7 +40,7 @@ def eval_data(tmp_path_factory) -> str:
 def _probe(tiny_llama, tmp_path, flags: list[str]) -> list[dict]:
     out = tmp_path / "probe.json"
     args = ["--model_name_or_path", tiny_llama, "--data_path", DEMO, "--output_dir", str(tmp_path / "o"), *flags]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29741", str(PROBE),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(PROBE),
            str(out), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
