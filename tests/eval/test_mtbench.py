@@ -164,9 +164,9 @@ def test_answers_judging_and_results_end_to_end(tiny_llama, constant_reply_model
         assert all(g["model_1"] == "tuned" and g["model_2"] == "base" for g in games)
         assert all(g["g1_winner"] == "model_1" and g["g2_winner"] == "model_2" for g in games)
 
-        # a prompt that cannot fit the judge's context: recorded as errors (the server says 400), no crash
+        # requests the judge server refuses (400: max_tokens beyond what it accepts): recorded as errors, no crash
         errs = tmp_path / "errors.jsonl"
-        out = _py("eval.judge", *judge[:-4], "--judge-max-tokens", "1020", "--mode", "pairwise-all", "--output",
+        out = _py("eval.judge", *judge[:-4], "--judge-max-tokens", str(2**31), "--mode", "pairwise-all", "--output",
                   str(errs))
         assert "5 without a usable score/verdict" in out.stdout
         assert all(json.loads(x)["g1_judgment"].startswith("$ERROR$ HTTP 400") for x in errs.read_text().splitlines())
