@@ -70,11 +70,16 @@ def prompt(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Question {i}: " + " ".join(words) + "?"}]
 
 
-def stream_one(base: str, i: int, max_tokens: int, codes: collections.Counter) -> dict:
+def make_client(base: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def stream_one(client, i: int, max_tokens: int, codes: collections.Counter) -> dict:
     """One streaming client; returns its text, token count, time to first token and total time."""
     import openai
 
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
     t0 = time.perf_counter()
     first, parts, tokens = None, [], 0
     try:
@@ -94,12 +99,20 @@ def stream_one(base: str, i: int, max_tokens: int, codes: collections.Counter) -
 
 
 def concurrent(base: str, n: int, max_tokens: int, codes: collections.Counter) -> tuple[list[dict], float]:
+    """n clients, built beforehand (an openai client costs tens of ms to create), released together."""
+    clients = [make_client(base) for _ in range(n)]
     out: list[dict | None] = [None] * n
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, stream_one(base, i, max_tokens, codes)))
-               for i in range(n)]
-    t0 = time.perf_counter()
+    go = threading.Barrier(n + 1)
+
+    def run(i: int) -> None:
+        go.wait()
+        out[i] = stream_one(clients[i], i, max_tokens, codes)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    go.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     return out, time.perf_counter() - t0
@@ -115,7 +128,8 @@ def throughput(base: str, clients: list[int], max_tokens: int) -> list[dict]:
     for n in clients:
         codes: collections.Counter = collections.Counter()
         if n == 1:  # the same prompts the largest N uses, one after another: the replies alone, and 1-client speed
-            runs = [stream_one(base, i, max_tokens, codes) for i in range(max(clients))]
+            client = make_client(base)
+            runs = [stream_one(client, i, max_tokens, codes) for i in range(max(clients))]
             wall = sum(r["total"] for r in runs)
             alone = [r["text"] for r in runs]
         else:
@@ -204,7 +218,7 @@ def main() -> int:
         print(f"[bench_serve] random Llama, {n / 1e6:.0f}M parameters, fp32, {torch.get_num_threads()} threads")
     proc, base = start(model, args)
     try:
-        stream_one(base, 0, 4, collections.Counter())  # warm-up
+        stream_one(make_client(base), 0, 4, collections.Counter())  # warm-up
         rows = throughput(base, sorted(set(args.clients)), args.max_tokens)
         print(f"\n{'clients':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'tok/s/client':>13} {'aggregate tok/s':>16} "
               f"{'same as alone':>14}  status codes")

@@ -1,8 +1,8 @@
 """Batched decoding of concurrent requests with per-request KV caches (continuous batching).
 
 One engine thread owns the model. Each step it admits waiting requests (up to `max_batch` running), prefills
-each newcomer alone, splices its KV cache into the running batch (left-padded, with an attention mask and
-per-row positions), then runs one forward for all running rows and lets each request sample, detokenize and
+the newcomers together in one left-padded forward, splices their KV caches into the running batch (left-padded,
+with an attention mask and per-row positions), then runs one forward for all running rows and lets each request sample, detokenize and
 check its stop conditions on its own row (serve/generation.RequestDecoder: the same code as decoding alone).
 A finished or cancelled request leaves the batch at the next step; the others never wait for it.
 
@@ -117,8 +117,8 @@ class BatchEngine:
                 room = self.max_batch - len(self._rows) if self.batchable else (0 if self._rows else 1)
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
-                for ticket in newcomers:
-                    self._admit(ticket)
+                if newcomers:
+                    self._admit(newcomers)
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
@@ -133,45 +133,71 @@ class BatchEngine:
         ticket.emit("error", message)
 
     @torch.no_grad()
-    def _admit(self, ticket: Ticket) -> None:
-        if ticket.cancelled.is_set():
-            ticket.result.finish_reason = "cancelled"
-            ticket.emit("done", ticket.result)
+    def _admit(self, tickets: list[Ticket]) -> None:
+        """Prefill the newcomers together (one left-padded forward), sample their first tokens, and splice the
+        ones that go on into the running batch."""
+        live, decoders = [], []
+        for ticket in tickets:
+            if ticket.cancelled.is_set():
+                ticket.result.finish_reason = "cancelled"
+                ticket.emit("done", ticket.result)
+                continue
+            try:
+                decoders.append(RequestDecoder(self.tokenizer, ticket.ids, ticket.params, ticket.stop_token_ids,
+                                               ticket.result, self.vocab))
+                live.append(ticket)
+            except Exception as e:
+                self._fail(ticket, f"generation failed: {type(e).__name__}: {e}")
+        if not live:
             return
+        width = max(len(t.ids) for t in live)
+        ids = torch.zeros(len(live), width, dtype=torch.long)
+        mask = torch.zeros(len(live), width, dtype=torch.long)
+        for i, t in enumerate(live):
+            ids[i, width - len(t.ids):] = torch.tensor(t.ids)
+            mask[i, width - len(t.ids):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         try:
-            decoder = RequestDecoder(self.tokenizer, ticket.ids, ticket.params, ticket.stop_token_ids, ticket.result,
-                                     self.vocab)
-            ids = torch.tensor([ticket.ids], device=self.device)
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         except Exception as e:
-            self._fail(ticket, f"generation failed: {type(e).__name__}: {e}")
+            for t in live:
+                self._fail(t, f"generation failed: {type(e).__name__}: {e}")
             return
-        token, delta = decoder.step(out.logits[0, -1].float().cpu())
-        if delta:
-            ticket.emit("delta", delta)
-        if token is None:
-            ticket.emit("done", ticket.result)
-            return
-        row = _Row(ticket, decoder, token, len(ticket.ids))
         cache = returned_cache(out)
         if not all(type(layer) is self._plain_layer for layer in cache.layers):
             self.batchable = False
-        self._splice(row, cache)
-
-    def _splice(self, row: _Row, cache) -> None:
-        """Add a prefilled request's cache to the running batch, left-padding the shorter side."""
-        length = cache.layers[0].keys.shape[-2]
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        if self._cache is None:
-            self._cache, self._mask, self._rows = cache, mask, [row]
+        logits = out.logits[:, -1].float().cpu()
+        rows, keep = [], []
+        for i, (t, decoder) in enumerate(zip(live, decoders)):
+            token, delta = decoder.step(logits[i])
+            if delta:
+                t.emit("delta", delta)
+            if token is None:
+                t.emit("done", t.result)
+            else:
+                rows.append(_Row(t, decoder, token, len(t.ids)))
+                keep.append(i)
+        if not rows:
             return
-        total = self._mask.shape[1]
-        width = max(total, length)
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=self.device)
+            mask = mask.index_select(0, index)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        self._splice(rows, cache, mask)
+
+    def _splice(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Add prefilled requests' cache (and its padding mask) to the running batch, left-padding the shorter side."""
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, mask, rows
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self._cache.layers, cache.layers):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
         self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
-        self._rows.append(row)
+        self._rows += rows
 
     @torch.no_grad()
     def _decode_step(self) -> None:
