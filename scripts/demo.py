@@ -5,7 +5,7 @@
    fp32; packing) on data/demo,
 3. scores the fine-tuned model on the same questions, and ends with a short scripted chat.
 
-    python scripts/demo.py [--output_dir outputs/demo] [--epochs 3]
+    python scripts/demo.py [--output_dir outputs/demo] [--epochs 1] [--learning_rate 2e-4]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ DEMO = ROOT / "data" / "demo"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", default=str(ROOT / "outputs" / "demo"))
-    ap.add_argument("--epochs", type=float, default=3)
-    ap.add_argument("--learning_rate", type=float, default=1e-4)
+    ap.add_argument("--epochs", type=float, default=1)
+    ap.add_argument("--learning_rate", type=float, default=2e-4)
     args = ap.parse_args()
     from eval.identity import load_spec, print_report, run_identity_eval
     from serve.loading import load_for_chat
@@ -57,7 +57,7 @@ def main() -> int:
     print(f"\nheld-out facts correct: before {before['correct']}/{before['total']}, after {after['correct']}/{after['total']}"
           f"; well-formed replies: before {before['well_formed']}, after {after['well_formed']}", flush=True)
     print("\n== a short scripted chat through serve.cli (programmatic style)", flush=True)
-    script = "".join(f"{m} __END_OF_A_MESSAGE_47582648__\n" for m in ("Hi! Who am I talking to?", "What is 7 + 5?"))
+    script = "".join(f"{m} __END_OF_A_MESSAGE_47582648__\n" for m in ("Hi! Who am I talking to?", "Which city is the capital of Norway?"))
     chat = subprocess.run([sys.executable, "-m", "serve.cli", "--model-path", args.output_dir, "--style", "programmatic",
                            "--temperature", "0", "--max-new-tokens", "48"], input=script, text=True,
                           capture_output=True, cwd=ROOT)
