@@ -1,18 +1,32 @@
 """Build the tokenized training dataset: load → validate → tokenize (batched, multi-process) → cache.
 
-The result is an Arrow dataset with columns `id, input_ids, labels, length, num_supervised, truncated`
-cached under `<cache>/datasets/<fingerprint>/`, where the fingerprint covers the data files' bytes,
-the tokenizer, template, max_length, mask, overflow policy and validation options. In a multi-rank
-job rank 0 builds and the other ranks wait at a barrier and load the same cache.
+The result is an Arrow dataset with columns `id, source, input_ids, labels, length, num_supervised, truncated`
+cached under `<cache>/datasets/<key>/` and read memory-mapped by every rank (never turned into Python lists).
+
+The key (`fingerprint`) covers everything that can change the output, so a cache can never be stale: the data
+files' bytes (or path + size + mtime with `data_hash="stat"`, for huge files), each source's weight/count and
+template, the tokenizer, every data option, the source code of the modules that read, validate, render and
+tokenize, and the versions of transformers, tokenizers, datasets and pyarrow.
+
+Builds are coordinated through the filesystem, never a collective (a 3-hour tokenization must not hit a process
+group timeout): one builder per node (local rank 0; `shared=True`: one per job, global rank 0, for a cache on a
+filesystem all nodes see) builds into a temporary directory under an exclusive lock and publishes it by atomic
+rename; the other ranks poll for the published directory and report progress; a failed build leaves a marker
+that makes them fail with its message. Concurrent builders of the same key (two jobs) both end with the same
+valid cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import random
+import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +36,7 @@ from data.formats import expand_paths
 from data.tokenize import IGNORE_INDEX, tokenize_batch
 from data.tokenizer import run_encoder, tokenizer_fingerprint
 from data.validate import (
+    DataError,
     LoadReport,
     Problem,
     ValidationOptions,
@@ -30,7 +45,11 @@ from data.validate import (
     write_report,
 )
 
-PIPELINE_VERSION = "1"  # bump when tokenization output changes for the same inputs
+# Modules whose code decides a cached row: changing any of them changes every key.
+PIPELINE_MODULES = ("data.formats", "data.validate", "data.templates", "data.tokenizer", "data.tokenize",
+                    "data.dataset")
+VERSIONED_LIBRARIES = ("transformers", "tokenizers", "datasets", "pyarrow")
+PUBLISHED = "stats.json"  # written last inside the build directory; its presence means "complete"
 
 
 @dataclass
@@ -41,6 +60,7 @@ class DataConfig:
     overflow: str = "truncate"
     on_bad_record: str = "error"
     validation: ValidationOptions = field(default_factory=ValidationOptions)
+    seed: int = 42  # mixing: which records a weight/count below 1x keeps
 
 
 @dataclass
@@ -51,34 +71,136 @@ class BuildStats:
     supervised_tokens: int = 0
     truncated: int = 0
     dropped: dict = field(default_factory=dict)  # reason -> count (samples that produced no training row)
-    lengths: list[int] = field(default_factory=list)
+    sources: list = field(default_factory=list)  # per source: path, records read, conversations used, samples, tokens
 
     def summary(self) -> dict:
         d = asdict(self)
-        d.pop("lengths")
         d["supervised_fraction"] = self.supervised_tokens / max(self.tokens, 1)
         return d
 
 
-def fingerprint(paths, tokenizer, cfg: DataConfig) -> str:
+# --- sources: `PATH[:WEIGHT][:count=N][:template=NAME]` ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # a file, directory or glob
+    weight: float | None = None  # use this multiple of the source's records (0.5: half of them, 2: each twice)
+    count: int | None = None  # or exactly this many records (sampled without repeats up to the source's size)
+    template: str | None = None  # this source's chat template (default: --template)
+
+    def spec(self) -> dict:
+        return asdict(self)
+
+
+_OPTION = re.compile(r"^(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)|(?P<key>weight|count|template)=(?P<value>[^:]+))$")
+
+
+def parse_source(spec: str) -> Source:
+    """`data.jsonl`, `data.jsonl:0.5`, `a/*.json:count=1000:template=llama-2`. Options are peeled off the end, so
+    a path holding ':' still works when no option follows it."""
+    parts, options = spec.split(":"), {}
+    while len(parts) > 1 and (m := _OPTION.match(parts[-1])):
+        key, value = ("weight", m["weight"]) if m["weight"] is not None else (m["key"], m["value"])
+        if key in options:
+            raise ValueError(f"--data_path {spec}: '{key}' given twice")
+        options[key] = value
+        parts.pop()
+    path = ":".join(parts)
+    try:
+        weight = float(options["weight"]) if "weight" in options else None
+        count = int(options["count"]) if "count" in options else None
+    except ValueError:
+        raise ValueError(f"--data_path {spec}: weight must be a number and count an integer") from None
+    if weight is not None and weight <= 0 or count is not None and count <= 0:
+        raise ValueError(f"--data_path {spec}: weight and count must be > 0")
+    if weight is not None and count is not None:
+        raise ValueError(f"--data_path {spec}: give a weight or a count, not both")
+    return Source(path, weight, count, options.get("template"))
+
+
+def parse_sources(paths) -> list[Source]:
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    return [p if isinstance(p, Source) else parse_source(str(p)) for p in paths]
+
+
+def mix(records: list[dict], source: Source, seed: int, index: int) -> list[dict]:
+    """The records a source contributes: all of them, or `weight`x / `count` of them, chosen by seed (whole
+    repeats first, then a seeded sample without replacement for the rest)."""
+    if source.weight is None and source.count is None:
+        return records
+    want = source.count if source.count is not None else round(source.weight * len(records))
+    whole, rest = divmod(want, len(records)) if records else (0, 0)
+    rng = random.Random(f"{seed}:{index}:{source.path}")
+    return records * whole + [records[i] for i in sorted(rng.sample(range(len(records)), rest))]
+
+
+# --- the cache key -------------------------------------------------------------------------------------------------
+
+
+def _module_source(name: str) -> bytes:
+    origin = importlib.util.find_spec(name).origin
+    with open(origin, "rb") as f:
+        return f.read()
+
+
+def pipeline_digest() -> str:
+    """Hash of the code that turns files into rows, and of the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
     h = hashlib.sha256()
-    for path in expand_paths(paths):
-        h.update(os.path.abspath(path).encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+    for name in PIPELINE_MODULES:
+        h.update(name.encode() + b"\0" + _module_source(name) + b"\0")
+    for lib in VERSIONED_LIBRARIES:
+        try:
+            h.update(f"{lib}=={version(lib)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib}: absent".encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: str, data_hash: str) -> str:
+    st = os.stat(path)
+    if data_hash == "stat":  # opt-in for huge files: path + size + mtime
+        return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return f"{os.path.abspath(path)}:{h.hexdigest()}"
+
+
+def fingerprint(paths, tokenizer, cfg: DataConfig, data_hash: str = "content") -> str:
+    if data_hash not in ("content", "stat"):
+        raise ValueError(f"--data_hash must be content or stat, got {data_hash!r}")
+    h = hashlib.sha256()
+    for source in parse_sources(paths):
+        h.update(json.dumps(source.spec(), sort_keys=True).encode())
+        for path in expand_paths(source.path):
+            h.update(_file_digest(path, data_hash).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
-    h.update(json.dumps({**asdict(cfg), "v": PIPELINE_VERSION}, sort_keys=True).encode())
+    h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update(pipeline_digest().encode())
     return h.hexdigest()[:20]
 
 
 def _tokenize_rows(batch: dict, tokenizer, cfg: DataConfig) -> dict:
     conversations = [json.loads(m) for m in batch["messages"]]
-    results = tokenize_batch(conversations, tokenizer, cfg.template, cfg.max_length, cfg.mask, cfg.overflow)
-    out: dict[str, list] = {k: [] for k in ("id", "input_ids", "labels", "length", "num_supervised", "truncated", "dropped")}
+    results: list = [None] * len(conversations)
+    by_template: dict[str, list[int]] = {}
+    for i, t in enumerate(batch["template"]):
+        by_template.setdefault(t, []).append(i)
+    for template, idx in by_template.items():  # each source may have its own template
+        for i, res in zip(idx, tokenize_batch([conversations[i] for i in idx], tokenizer, template, cfg.max_length,
+                                              cfg.mask, cfg.overflow)):
+            results[i] = res
+    out: dict[str, list] = {k: [] for k in ("id", "source", "input_ids", "labels", "length", "num_supervised",
+                                            "truncated", "dropped")}
 
-    def add(rid, ids, labels, truncated, dropped):
+    def add(rid, src, ids, labels, truncated, dropped):
         out["id"].append(rid)
+        out["source"].append(src)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
@@ -86,88 +208,174 @@ def _tokenize_rows(batch: dict, tokenizer, cfg: DataConfig) -> dict:
         out["truncated"].append(truncated)
         out["dropped"].append(dropped)
 
-    for rid, res in zip(batch["id"], results):
+    for rid, src, res in zip(batch["id"], batch["source"], results):
         for ex in res.samples:
-            add(rid, ex.input_ids, ex.labels, ex.truncated, "")
+            add(rid, src, ex.input_ids, ex.labels, ex.truncated, "")
         for reason in res.dropped:  # an empty row carries the reason so stats can count it
-            add(rid, [], [], False, reason)
+            add(rid, src, [], [], False, reason)
     return out
 
 
-def _is_main_and_world() -> tuple[bool, bool]:
-    try:
-        import torch.distributed as dist
+class DataBuildError(RuntimeError):
+    """The rank that builds the data cache failed; the waiting ranks stop with its message."""
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist.get_rank() == 0, True
-    except ImportError:
-        pass
-    return True, False
+
+def _builder(shared: bool) -> tuple[bool, str]:
+    """Whether this process builds the cache, and who does (for the waiting ranks' messages)."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if shared:
+        return rank == 0, "rank 0 of the job"
+    return local_rank == 0, "local rank 0 of this node"
 
 
 def build_dataset(paths, tokenizer, cfg: DataConfig, num_proc: int = 1, cache: str | os.PathLike | None = None,
-                  report_dir: str | os.PathLike | None = None, verbose: bool = True):
-    """Tokenized dataset for training (cached), plus its BuildStats and the LoadReport of bad records."""
+                  report_dir: str | os.PathLike | None = None, verbose: bool = True, shared: bool = False,
+                  data_hash: str = "content", poll_s: float = 1.0):
+    """Tokenized dataset for training (cached, memory-mapped), plus its BuildStats and the LoadReport of bad
+    records. `paths`: FastChat's single path, or several `PATH[:WEIGHT][:count=N][:template=T]` sources."""
     from datasets import load_from_disk
 
+    sources = parse_sources(paths)
     root = Path(cache) if cache else cache_dir() / "datasets"
-    target = root / fingerprint(paths, tokenizer, cfg)
-    is_main, distributed = _is_main_and_world()
-    if is_main and not (target / "stats.json").is_file():
-        _build(paths, tokenizer, cfg, num_proc, target, verbose)
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-    meta = json.loads((target / "stats.json").read_text())
+    key = fingerprint(sources, tokenizer, cfg, data_hash)
+    target = root / key
+    builds, who = _builder(shared)
+    if not (target / PUBLISHED).is_file():
+        if builds:
+            _build_once(sources, tokenizer, cfg, num_proc, root, key, verbose)
+        else:
+            _wait_for(root, key, who, poll_s, verbose)
+    meta = json.loads((target / PUBLISHED).read_text())
     stats = BuildStats(**{k: v for k, v in meta["stats"].items() if k in BuildStats.__dataclass_fields__})
-    stats.lengths = meta["lengths"]
     saved = json.loads((target / "data_report.json").read_text())
     report = LoadReport(rows=saved["rows"], kept=saved["kept"], fixes=Counter(saved["fixes"]), skipped=[
         Problem(r["path"], r["loc"], r["id"], r["rule"], r["message"]) for r in saved["skipped_records"]])
+    is_main = int(os.environ.get("RANK", 0)) == 0
     if report_dir and is_main:
         os.makedirs(report_dir, exist_ok=True)
         shutil.copy(target / "data_report.json", Path(report_dir) / "data_report.json")
     if verbose and is_main:
+        if report.skipped or report.fixes:
+            print("[data] " + format_report(report).replace("\n", "\n[data] "), flush=True)
         print(f"[data] {target} — {stats.samples} samples, {stats.tokens} tokens "
               f"({stats.supervised_tokens / max(stats.tokens, 1):.1%} supervised), truncated {stats.truncated}, "
               f"dropped {sum(stats.dropped.values())} {dict(stats.dropped) or ''}", flush=True)
-    ds = load_from_disk(str(target / "dataset"))
-    return ds, stats, report
+        if len(stats.sources) > 1:
+            for src in stats.sources:
+                print(f"[data]   {src['path']}: {src['records']} records read, {src['conversations']} used "
+                      f"(weight {src['weight'] or 1}{', count ' + str(src['count']) if src['count'] else ''}, "
+                      f"template {src['template']}) -> {src['samples']} samples, {src['tokens']} tokens", flush=True)
+    return load_from_disk(str(target / "dataset")), stats, report
 
 
-def _build(paths, tokenizer, cfg: DataConfig, num_proc: int, target: Path, verbose: bool) -> None:
+def _wait_for(root: Path, key: str, who: str, poll_s: float, verbose: bool) -> None:
+    """Poll for the published cache; no collective involved, so no process-group timeout however long it takes."""
+    start, last = time.time(), time.time()
+    failed = root / f"{key}.failed"
+    while not (root / key / PUBLISHED).is_file():
+        if failed.is_file() and failed.stat().st_mtime >= start - 5:
+            raise DataBuildError(f"the data cache {root / key} was not built: {who} failed: "
+                                 f"{failed.read_text().strip()}")
+        if verbose and time.time() - last >= 30:
+            last = time.time()
+            print(f"[data] waiting for {who} to build the data cache {root / key} ({time.time() - start:.0f} s)",
+                  flush=True)
+        time.sleep(poll_s)
+
+
+def _build_once(sources, tokenizer, cfg: DataConfig, num_proc: int, root: Path, key: str, verbose: bool) -> None:
+    """Build under an exclusive lock (a concurrent builder of the same key waits, then finds it published);
+    publish by atomic rename; on failure leave a marker with the error for the waiting ranks."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    target, failed = root / key, root / f"{key}.failed"
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / PUBLISHED).is_file():  # another process built it while we waited for the lock
+            return
+        failed.unlink(missing_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
+        try:
+            _build(sources, tokenizer, cfg, num_proc, tmp, verbose)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed.write_text(f"{type(e).__name__}: {e}".splitlines()[0] + "\n")
+            raise
+        if target.exists():  # a leftover without the published marker (an interrupted older layout)
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+
+
+def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out: Path, verbose: bool) -> None:
     from datasets import Dataset
 
     run_encoder(tokenizer)  # prove the tokenizer once, before forking workers
-    records, report = load_conversations(paths, cfg.on_bad_record, cfg.validation)
-    if verbose and (report.skipped or report.fixes):
-        print("[data] " + format_report(report).replace("\n", "\n[data] "), flush=True)
-    raw = Dataset.from_dict({"id": [r["id"] for r in records], "messages": [json.dumps(r["messages"]) for r in records]})
+    ids, source_idx, templates, messages = [], [], [], []
+    report = LoadReport()
+    per_source = []
+    for i, source in enumerate(sources):
+        records, rep = load_conversations(source.path, cfg.on_bad_record, cfg.validation)
+        report.rows += rep.rows
+        report.kept += rep.kept
+        report.skipped += rep.skipped
+        report.fixes.update(rep.fixes)
+        used = mix(records, source, cfg.seed, i)
+        template = source.template or cfg.template
+        per_source.append({**source.spec(), "template": template, "records": rep.rows, "conversations": len(used),
+                           "samples": 0, "tokens": 0})
+        for r in used:
+            ids.append(r["id"])
+            source_idx.append(i)
+            templates.append(template)
+            messages.append(json.dumps(r["messages"]))
+        del records, used
+    if not ids:
+        raise DataError([], header=f"--data_path {' '.join(s.path for s in sources)}: no conversations to train on")
+    raw = Dataset.from_dict({"id": ids, "source": source_idx, "template": templates, "messages": messages})
+    del ids, source_idx, templates, messages
     tokenized = raw.map(
         _tokenize_rows, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 and len(raw) > 256 else None,
         remove_columns=raw.column_names, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
-        keep_in_memory=True, load_from_cache_file=False, desc="tokenizing", new_fingerprint="chattune",
+        load_from_cache_file=False, desc="tokenizing", new_fingerprint="chattune",
+        cache_file_name=str(out / "tokenized.arrow"),
     )
-    dropped = Counter(r for r in list(tokenized["dropped"]) if r)
-    kept = tokenized.filter(lambda d: d == "", input_columns="dropped", keep_in_memory=True).remove_columns("dropped")
-    lengths = list(kept["length"])
+    dropped_col = tokenized.data.column("dropped").to_pylist()
+    dropped = Counter(r for r in dropped_col if r)
+    kept = tokenized.filter(lambda d: d == "", input_columns="dropped", cache_file_name=str(out / "kept.arrow"))
+    kept = kept.remove_columns("dropped")
+    lengths = kept.data.column("length").to_numpy()
+    supervised = kept.data.column("num_supervised").to_numpy()
+    for src, n, tok_count in zip(*_per_source_counts(kept, len(sources))):
+        per_source[src]["samples"], per_source[src]["tokens"] = n, tok_count
     stats = BuildStats(
-        conversations=len(records), samples=len(kept), tokens=sum(lengths), supervised_tokens=sum(list(kept["num_supervised"])),
-        truncated=sum(list(kept["truncated"])), dropped=dict(dropped), lengths=lengths,
+        conversations=len(raw), samples=len(kept), tokens=int(lengths.sum()), supervised_tokens=int(supervised.sum()),
+        truncated=int(kept.data.column("truncated").to_numpy().sum()), dropped=dict(dropped), sources=per_source,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    kept.save_to_disk(str(tmp / "dataset"))
-    write_report(report, tmp / "data_report.json")
-    saved = json.loads((tmp / "data_report.json").read_text())
+    kept.save_to_disk(str(out / "dataset"))
+    write_report(report, out / "data_report.json")
+    saved = json.loads((out / "data_report.json").read_text())
     saved["tokenization_dropped"] = [
-        {"id": rid, "reason": reason} for rid, reason in zip(list(tokenized["id"]), list(tokenized["dropped"])) if reason
+        {"id": rid, "reason": reason}
+        for rid, reason in zip(tokenized.data.column("id").to_pylist(), dropped_col) if reason
     ]
-    (tmp / "data_report.json").write_text(json.dumps(saved, indent=2))
-    (tmp / "stats.json").write_text(json.dumps({
-        "stats": stats.summary(), "lengths": lengths, "config": asdict(cfg),
-        }))
-    if target.exists():  # a stale partial build (no stats.json): replace it
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    (out / "data_report.json").write_text(json.dumps(saved, indent=2))
+    del tokenized, kept
+    for scratch in [*out.glob("tokenized*.arrow"), *out.glob("kept*.arrow")]:  # map/filter scratch (per worker)
+        scratch.unlink()
+    (out / PUBLISHED).write_text(json.dumps({"stats": stats.summary(), "config": asdict(cfg)}))
+
+
+def _per_source_counts(ds, n_sources: int):
+    import numpy as np
+
+    src = ds.data.column("source").to_numpy()
+    lengths = ds.data.column("length").to_numpy()
+    samples = np.bincount(src, minlength=n_sources)
+    tokens = np.bincount(src, weights=lengths, minlength=n_sources)
+    return range(n_sources), [int(x) for x in samples], [int(x) for x in tokens]
+
+
+def lengths_of(ds):
+    """The `length` column as a NumPy array, read from the memory-mapped table (no Python list per sample)."""
+    return ds.data.column("length").to_numpy()

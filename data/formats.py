@@ -51,14 +51,28 @@ def expand_paths(paths: str | os.PathLike | list) -> list[str]:
     return files
 
 
+class EmptyDataFile(ValueError):
+    """A data file that holds no record at all (empty, whitespace only, `[]`)."""
+
+
 def read_rows(paths) -> Iterator[Row]:
+    """Every record of every file, in order. A file that cannot be opened, or holds no record, stops the read with
+    one line naming it: an empty file in a data mix is a mistake, never silently "0 records"."""
     for path in expand_paths(paths):
-        if path.endswith(".jsonl"):
-            yield from _read_jsonl(path)
-        elif path.endswith(".json"):
-            yield from _read_json(path)
-        else:
-            yield from _read_parquet(path)
+        reader = _read_jsonl if path.endswith(".jsonl") else _read_json if path.endswith(".json") else _read_parquet
+        try:
+            n = 0
+            for row in reader(path):
+                n += 1
+                yield row
+        except PermissionError:
+            raise PermissionError(f"{path}: cannot read the file (permission denied)") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path}: is a directory, not a data file") from None
+        except OSError as e:
+            raise OSError(f"{path}: cannot read the file ({e.strerror or e})") from None
+        if n == 0:
+            raise EmptyDataFile(f"{path}: the file holds no records (empty, whitespace only or an empty array)")
 
 
 def _read_jsonl(path: str) -> Iterator[Row]:

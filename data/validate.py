@@ -44,8 +44,11 @@ class Problem:
 
 
 class DataError(ValueError):
-    def __init__(self, problems: list[Problem], limit: int = 50):
+    def __init__(self, problems: list[Problem], limit: int = 50, header: str | None = None):
         self.problems = problems
+        if header is not None:  # one line: the summary names the problem and its first instance
+            super().__init__(header)
+            return
         lines = [str(p) for p in problems[:limit]]
         if len(problems) > limit:
             lines.append(f"... and {len(problems) - limit} more")
@@ -67,10 +70,17 @@ class LoadReport:
     skipped: list[Problem] = field(default_factory=list)
     fixes: Counter = field(default_factory=Counter)
 
+    def first_by_rule(self) -> dict[str, Problem]:
+        first: dict[str, Problem] = {}
+        for p in self.skipped:
+            first.setdefault(p.rule, p)
+        return first
+
     def summary(self) -> dict:
         return {
             "rows": self.rows, "kept": self.kept, "skipped": len(self.skipped),
             "skipped_by_rule": dict(Counter(p.rule for p in self.skipped)),
+            "first_skipped_by_rule": {rule: str(p) for rule, p in self.first_by_rule().items()},
             "fixes": dict(self.fixes),
             "skipped_records": [
                 {"path": p.path, "loc": p.loc, "id": p.record_id, "rule": p.rule, "message": p.message} for p in self.skipped
@@ -240,13 +250,18 @@ def load_conversations(paths, on_bad_record: str = "error", opts: ValidationOpti
     report.kept = len(records)
     if report.skipped and on_bad_record == "error":
         raise DataError(report.skipped)
+    if report.rows and not records:  # --on_bad_record skip must not turn a wholly bad file into "0 samples"
+        first = report.skipped[0]
+        raise DataError(report.skipped, header=f"all {report.rows} record(s) are invalid, nothing to train on; "
+                                              f"the first: {first}")
     return records, report
 
 
 def format_report(report: LoadReport) -> str:
     lines = [f"read {report.rows} record(s): kept {report.kept}, skipped {len(report.skipped)}"]
+    first = report.first_by_rule()
     for rule, n in Counter(p.rule for p in report.skipped).most_common():
-        lines.append(f"  skipped {n} × {rule}")
+        lines.append(f"  skipped {n} × {rule}, first: {first[rule]}")
     for what, n in report.fixes.most_common():
         lines.append(f"  fixed {n} × {what}")
     return "\n".join(lines)
@@ -267,7 +282,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant)
     try:
         _, report = load_conversations(args.paths, "skip", opts)
-    except (FileNotFoundError, ValueError) as e:
+    except DataError as e:  # every record invalid: list them as for any bad record, then the summary line
+        for problem in e.problems:
+            print(problem)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # missing/unreadable/empty file, glob or directory without data
         print(f"error: {e}", file=sys.stderr)
         return 2
     for problem in report.skipped:

@@ -50,7 +50,9 @@ class TrainConfig:
     trust_remote_code: bool = _help("allow custom model code from the model repo", default=False)
     flash_attn: bool = _help("use flash-attn 2 (train_mem.py turns this on when flash-attn is importable)", default=False)
     # --- data ---
-    data_path: list[str] = _help("training data: .json/.jsonl/.parquet files, dirs or globs", default_factory=list)
+    data_path: list[str] = _help("training data: .json/.jsonl/.parquet files, dirs or globs; several sources mix, each "
+                                 "as PATH[:WEIGHT][:count=N][:template=NAME] (e.g. a.jsonl:2 b/*.json:count=5000)",
+                                 default_factory=list)
     eval_data_path: list[str] = _help("held-out data for eval loss", default_factory=list)
     template: str = _help(f"chat template: {', '.join(TEMPLATE_NAMES)}", default="vicuna_v1.1")
     mask: str = _help(f"which turns carry loss: {', '.join(MASKS)}", default="assistant")
@@ -62,6 +64,10 @@ class TrainConfig:
     packing: bool = _help("pack samples into rows of model_max_length (attention kept per sample)", default=False)
     group_by_length: bool = _help("batch samples of similar length together (less padding)", default=False)
     preprocessing_num_workers: int = _help("processes for tokenizing the dataset", default=1)
+    data_cache_shared: bool = _help("the dataset cache is on a filesystem every node sees: one rank of the job builds "
+                                    "it (default: one builder per node, for node-local caches)", default=False)
+    data_hash: str = _help("how data files enter the cache key: content (hash the bytes) or stat (path, size, "
+                           "mtime: for huge files)", default="content")
     lazy_preprocess: bool = _help("FastChat compatibility; accepted, see ACCEPTED_NO_OP", default=False)
     # --- schedule ---
     output_dir: str = _help("where checkpoints and the final model go", default="")
@@ -161,6 +167,7 @@ class TrainConfig:
         need(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         need(self.lora_bias in ("none", "all", "lora_only"), "lora_bias", "must be none, all or lora_only")
+        need(self.data_hash in ("content", "stat"), "data_hash", "must be content or stat")
         need(self.bits in (4, 8), "bits", f"must be 4 or 8, got {self.bits}")
         need(self.save_dtype in ("bf16", "fp16", "fp32"), "save_dtype", "must be bf16, fp16 or fp32")
         try:

@@ -23,6 +23,7 @@ import torch
 def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of sample indices, each summing to <= capacity; longest samples placed first, each into
     the fullest bin it still fits (best fit). Deterministic: ties keep index order."""
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # Python ints index fast in the loop
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
@@ -55,6 +56,7 @@ class PlanConfig:
 
 def plan_epoch(lengths: Sequence[int], epoch: int, cfg: PlanConfig) -> list[list[list[int]]]:
     """This rank's micro-batches for one epoch; each micro-batch is a list of units (lists of indices)."""
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths
     units = pack_best_fit_decreasing(lengths, cfg.max_length) if cfg.packing else [[i] for i in range(len(lengths))]
     if not units:
         return []
@@ -84,7 +86,7 @@ class MicroBatchStream:
     """Iterates (epoch, index, micro-batch units) from a SamplerState, forever (epochs roll over)."""
 
     def __init__(self, lengths: Sequence[int], cfg: PlanConfig, state: SamplerState | None = None):
-        self.lengths = list(lengths)
+        self.lengths = lengths if hasattr(lengths, "tolist") else list(lengths)  # a NumPy column stays compact
         self.cfg = cfg
         self.state = state or SamplerState()
         self._plan_epoch = -1

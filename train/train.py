@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script (torchrun train/train.py): impo
 
 import torch  # noqa: E402
 
-from data.dataset import DataConfig, build_dataset  # noqa: E402
+from data.dataset import DataBuildError, DataConfig, build_dataset, lengths_of  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from data.validate import DataError, ValidationOptions  # noqa: E402
 from train.backend_select import make_backend  # noqa: E402
@@ -58,17 +58,20 @@ def run(cfg: TrainConfig) -> int:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         data_cfg = DataConfig(cfg.template, cfg.model_max_length, cfg.mask, cfg.truncation, cfg.on_bad_record,
-                              ValidationOptions(cfg.merge_consecutive, cfg.drop_leading_assistant))
+                              ValidationOptions(cfg.merge_consecutive, cfg.drop_leading_assistant), cfg.seed)
+        cache_opts = {"shared": cfg.data_cache_shared, "data_hash": cfg.data_hash}
         train_ds, train_stats, _ = build_dataset(cfg.data_path, tokenizer, data_cfg, cfg.preprocessing_num_workers,
-                                                 report_dir=cfg.output_dir)
+                                                 report_dir=cfg.output_dir, **cache_opts)
         if len(train_ds) == 0:
-            raise ValueError(f"--data_path {cfg.data_path}: no trainable samples left (see data_report.json)")
-        samples = train_ds.select_columns(["input_ids", "labels"]).to_list()
+            raise ValueError(f"--data_path {' '.join(cfg.data_path)}: no trainable samples left (see data_report.json)")
+        # memory-mapped Arrow all the way to the collator: a rank holds the rows of its current micro-batches only
+        samples = train_ds.select_columns(["input_ids", "labels"])
         eval_samples = None
         if cfg.eval_data_path:
             eval_cfg = DataConfig(**{**data_cfg.__dict__, "overflow": "truncate"})
-            eval_ds, _, _ = build_dataset(cfg.eval_data_path, tokenizer, eval_cfg, cfg.preprocessing_num_workers)
-            eval_samples = eval_ds.select_columns(["input_ids", "labels"]).to_list()
+            eval_ds, _, _ = build_dataset(cfg.eval_data_path, tokenizer, eval_cfg, cfg.preprocessing_num_workers,
+                                          **cache_opts)
+            eval_samples = eval_ds.select_columns(["input_ids", "labels"])
 
         # the backend decides how weights arrive: sharded backends never materialize the full model on
         # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
@@ -86,7 +89,7 @@ def run(cfg: TrainConfig) -> int:
 
         plan = PlanConfig(cfg.per_device_train_batch_size, info.world_size, info.rank, cfg.seed, cfg.packing,
                           cfg.model_max_length, cfg.group_by_length)
-        stream = MicroBatchStream([len(s["input_ids"]) for s in samples], plan)
+        stream = MicroBatchStream(lengths_of(train_ds), plan)  # plans read the lengths column only
         per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     except TrainingInterrupted as e:
         print0(f"[train] {e}")
         return 128 + e.signum
-    except (NonFiniteError, DataError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteError, DataError, DataBuildError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
