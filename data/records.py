@@ -80,6 +80,23 @@ def load_tool_tokenizer(source: str):
         raise ToolError(f"--tokenizer {source}: {e}") from None
 
 
+TEMPLATE_HELP = "chat template (default: the tokenizer's own chat_template, as FastChat's tools assume)"
+
+
+def resolve_tool_template(template: str | None, tokenizer, tokenizer_source: str) -> str:
+    """--template, or the tokenizer's own chat template when it has one; says which one is used."""
+    from data.templates import TEMPLATE_NAMES
+
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ToolError(f"--template: the tokenizer {tokenizer_source} has no chat_template of its own; pass "
+                            f"--template (one of {', '.join(TEMPLATE_NAMES)})")
+        template = "tokenizer"
+    where = "the tokenizer's own chat_template" if template == "tokenizer" else f"the built-in {template!r}"
+    print(f"[template] {template} ({where})", file=sys.stderr, flush=True)
+    return template
+
+
 def batches(items: list, size: int, desc: str) -> Iterator[list]:
     """Consecutive chunks of `size` items, with a progress bar counting chunks."""
     return progress((items[i:i + size] for i in range(0, len(items), size)), desc, total=(len(items) + size - 1) // size)

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import (
+    TEMPLATE_HELP,
     Tally,
     ToolError,
     add_io_args,
@@ -28,6 +29,7 @@ from data.records import (
     load_tool_tokenizer,
     progress,
     read_records,
+    resolve_tool_template,
     run_tool,
     valid_conversations,
     where,
@@ -72,14 +74,14 @@ def main() -> int:
     p.add_argument("--min-chars", type=int, default=0, help="total characters of user+assistant turns")
     p.add_argument("--max-chars", type=int)
     p.add_argument("--tokenizer", help="with --min-tokens/--max-tokens: HF dir, .gguf or asset:NAME")
-    p.add_argument("--template", choices=TEMPLATE_NAMES, help="with --tokenizer")
+    p.add_argument("--template", choices=TEMPLATE_NAMES, help="with --tokenizer; " + TEMPLATE_HELP)
     p.add_argument("--min-tokens", type=int)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--merge-consecutive", action="store_true", help="accept (and count) consecutive same-role turns")
     p.add_argument("--drop-leading-assistant", action="store_true", help="accept (and count) leading assistant turns")
     args = p.parse_args()
-    if (args.min_tokens or args.max_tokens) and not (args.tokenizer and args.template):
-        p.error("--min-tokens/--max-tokens need --tokenizer and --template")
+    if (args.min_tokens or args.max_tokens) and not args.tokenizer:
+        p.error("--min-tokens/--max-tokens need --tokenizer")
     drop_res = compile_patterns(args.drop_regex, "--drop-regex")
     keep_res = compile_patterns(args.keep_regex, "--keep-regex")
     roles = {"all": ("user", "assistant"), "user": ("user",), "assistant": ("assistant",)}[args.regex_roles]
@@ -128,6 +130,7 @@ def filter_by_tokens(survivors, args, tally: Tally) -> list[dict]:
     from data.tokenize import tokenize_batch
 
     tokenizer = load_tool_tokenizer(args.tokenizer)
+    args.template = resolve_tool_template(args.template, tokenizer, args.tokenizer)
     results = tokenize_batch([m for _, m in survivors], tokenizer, args.template)
     kept = []
     for (row, _), res in zip(survivors, results):

@@ -20,12 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import (
+    TEMPLATE_HELP,
     Tally,
     add_io_args,
     batches,
     load_tool_tokenizer,
     read_records,
     record_id,
+    resolve_tool_template,
     run_tool,
     to_sharegpt,
     valid_conversations,
@@ -39,7 +41,7 @@ def main() -> int:
     add_io_args(p)
     p.add_argument("--tokenizer", "--model-name-or-path", dest="tokenizer", required=True,
                    help="tokenizer: HF dir, .gguf or asset:NAME")
-    p.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
+    p.add_argument("--template", choices=TEMPLATE_NAMES, help=TEMPLATE_HELP)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256, help="conversations tokenized per batch")
     args = p.parse_args()
@@ -48,6 +50,7 @@ def main() -> int:
     from data.tokenize import split_conversations, tokenize_batch
 
     tokenizer = load_tool_tokenizer(args.tokenizer)
+    args.template = resolve_tool_template(args.template, tokenizer, args.tokenizer)
     rows = read_records(args.in_file)
     tally = Tally("split_long_conversation", read=len(rows))
     valid = valid_conversations(rows, tally)

@@ -19,11 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import (
+    TEMPLATE_HELP,
     Tally,
     add_io_args,
     batches,
     load_tool_tokenizer,
     read_records,
+    resolve_tool_template,
     run_tool,
     valid_conversations,
 )
@@ -67,7 +69,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(p, out=False)
     p.add_argument("--tokenizer", required=True, help="HF dir, .gguf or asset:NAME")
-    p.add_argument("--template", required=True, choices=TEMPLATE_NAMES)
+    p.add_argument("--template", choices=TEMPLATE_NAMES, help=TEMPLATE_HELP)
     p.add_argument("--max-length", type=int, help="report how many conversations are longer")
     p.add_argument("--histogram", help="write a PNG histogram of tokens per conversation")
     p.add_argument("--json", help="write the figures as JSON")
@@ -78,6 +80,7 @@ def main() -> int:
     from data.tokenize import tokenize_batch
 
     tokenizer = load_tool_tokenizer(args.tokenizer)
+    args.template = resolve_tool_template(args.template, tokenizer, args.tokenizer)
     rows = read_records(args.in_file)
     tally = Tally("stats", read=len(rows))
     convs = [msgs for _, msgs in valid_conversations(rows, tally)]

@@ -267,3 +267,21 @@ def test_prepare_all_chain(tmp_path):
     assert train and test and (out / "train_lengths.png").exists()
     load_conversations(str(out / "train.json"))
     assert any("Vicuna" in t["value"] for r in train + test for t in r["conversations"])
+
+
+def test_tools_default_to_the_tokenizers_own_template(tmp_path):
+    """FastChat's commands pass no --template: the tokenizer's chat_template is used (and named); a tokenizer
+    without one is a one-line error naming the flag."""
+    demo = ROOT / "data" / "demo" / "chattune_demo.jsonl"
+    out = tmp_path / "split.json"
+    default = tool("split_long_conversation.py", "--in-file", demo, "--out-file", out, "--tokenizer", "asset:smollm2",
+                   "--max-length", "64")
+    assert "[template] tokenizer (the tokenizer's own chat_template)" in default.stderr
+    explicit = tool("split_long_conversation.py", "--in-file", demo, "--out-file", tmp_path / "t.json",
+                    "--tokenizer", "asset:smollm2", "--template", "tokenizer", "--max-length", "64")
+    assert out.read_text() == (tmp_path / "t.json").read_text() and "[template] tokenizer" in explicit.stderr
+    stats = tool("stats.py", "--in-file", demo, "--tokenizer", "asset:smollm2", "--json", tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["template"] == "tokenizer" and "[template]" in stats.stderr
+    bad = tool("stats.py", "--in-file", demo, "--tokenizer", "asset:llama-spm", check=False)
+    assert bad.returncode != 0 and "--template: the tokenizer asset:llama-spm has no chat_template" in bad.stderr
+    assert "Traceback" not in bad.stderr
