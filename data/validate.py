@@ -281,7 +281,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(argv)
     opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant)
     try:
-        _, report = load_conversations(args.paths, "skip", opts)
+        from data.dataset import parse_source  # training's `PATH:WEIGHT` source specs validate as their paths
+
+        _, report = load_conversations([parse_source(p).path for p in args.paths], "skip", opts)
     except DataError as e:  # every record invalid: list them as for any bad record, then the summary line
         for problem in e.problems:
             print(problem)

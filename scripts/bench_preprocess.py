@@ -1,6 +1,7 @@
 """Preprocessing throughput: chattune's pipeline vs FastChat's `preprocess`, same data, same tokenizer.
 
     python scripts/bench_preprocess.py [--conversations 5000] [--tokenizer asset:llama-spm]
+    python scripts/bench_preprocess.py --scale [--sizes 10000 100000] [--workers 1 2]
 
 Generates a ShareGPT file of multi-turn conversations (system prompts, unicode, code blocks,
 whitespace and role words inside content), then in one run times:
@@ -10,6 +11,11 @@ whitespace and role words inside content), then in one run times:
 and prints (median of --repeats runs) conversations/s, tokens/s, the speed-up, how many samples FastChat silently zeroed
 (all labels -100 after its `tokenization mismatch`), and how many of ours differ from the
 tokenizer's own ids for the whole prompt (must be 0).
+
+`--scale` measures the whole training-data build at size instead (data.dataset.build_dataset: read, validate,
+tokenize with N worker processes, write the Arrow cache), each run in a fresh process: conversations/s, peak RSS of
+the main process and of its largest worker; FastChat's `preprocess` on the same file alongside (it pads every
+sample to max_length in memory, as its training script does).
 """
 
 from __future__ import annotations
@@ -58,14 +64,83 @@ def _median_time(fn, repeats: int):
     return sorted(times)[len(times) // 2], result
 
 
+def _child(kind: str, path: str, workers: int, tokenizer: str, max_length: int) -> None:
+    """One measured run in this (fresh) process; prints a JSON line."""
+    import resource
+
+    tok = load_tokenizer(tokenizer)
+    tok.model_max_length = max_length
+    t0 = time.perf_counter()
+    if kind == "chattune":
+        from data.dataset import DataConfig, build_dataset
+
+        ds, stats, _ = build_dataset(path, tok, DataConfig("vicuna_v1.1", max_length), num_proc=workers,
+                                     cache=tempfile.mkdtemp(), verbose=False)
+        n, tokens = stats.conversations, stats.tokens
+    else:
+        import io
+        from contextlib import redirect_stdout
+
+        from fastchat.train.train import preprocess
+
+        tok.pad_token, tok.legacy = tok.unk_token, False
+        sources = [json.loads(line)["conversations"] for line in open(path)]
+        with redirect_stdout(io.StringIO()):
+            out = preprocess(sources, tok)
+        n, tokens = len(sources), int(out["attention_mask"].sum())
+    seconds = time.perf_counter() - t0
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "conversations": n, "tokens": tokens, "peak_mb": own, "worker_peak_mb": worker}))
+
+
+def scale(args) -> None:
+    import subprocess
+
+    rng = random.Random(args.seed)
+    print(f"tokenizer {args.tokenizer}, vicuna_v1.1, max_length {args.max_length}; each run a fresh process")
+    print(f"{'pipeline':<34}{'conversations':>14}{'workers':>8}{'seconds':>9}{'conv/s':>8}{'peak RSS':>10}"
+          f"{'worker peak':>12}")
+    made = 0
+    path = Path(tempfile.mkdtemp()) / "bench.jsonl"
+    with open(path, "w") as f:
+        for size in sorted(args.sizes):
+            for i in range(made, size):  # the larger file extends the smaller: same first conversations
+                f.write(json.dumps(make_conversation(rng, i), ensure_ascii=False) + "\n")
+            f.flush()
+            made = size
+            runs = [("chattune", w) for w in args.workers] + ([("fastchat", 1)] if not args.no_fastchat else [])
+            for kind, workers in runs:
+                cmd = [sys.executable, __file__, "--child", kind, str(path), str(workers), "--tokenizer",
+                       args.tokenizer, "--max_length", str(args.max_length)]
+                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                name = "chattune build_dataset" if kind == "chattune" else "FastChat 0.2.36 preprocess"
+                worker = f"{r['worker_peak_mb']:>10.0f} MB" if kind == "chattune" and workers > 1 else f"{'-':>13}"
+                print(f"{name:<34}{size:>14,}{workers:>8}{r['seconds']:>9.1f}{size / r['seconds']:>8.0f}"
+                      f"{r['peak_mb']:>7.0f} MB{worker}", flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--child", nargs=3)
+        ap.add_argument("--tokenizer")
+        ap.add_argument("--max_length", type=int)
+        a = ap.parse_args()
+        return _child(a.child[0], a.child[1], int(a.child[2]), a.tokenizer, a.max_length)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", action="store_true", help="build the training data at --sizes with --workers")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--no-fastchat", action="store_true", help="--scale without FastChat's preprocess")
     ap.add_argument("--conversations", type=int, default=5000)
     ap.add_argument("--tokenizer", default="asset:llama-spm")
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline; the median is reported")
     args = ap.parse_args()
+    if args.scale:
+        return scale(args)
 
     rng = random.Random(args.seed)
     records_raw = [make_conversation(rng, i) for i in range(args.conversations)]

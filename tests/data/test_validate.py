@@ -127,3 +127,49 @@ def test_parquet_sharegpt_with_optional_fields(tmp_path):
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_conversations(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("case,content,problem", [
+    ("empty.jsonl", "", "holds no records"),
+    ("blank.jsonl", "\n  \n\t\n", "holds no records"),
+    ("empty.json", "[]", "holds no records"),
+    ("data.csv", "a,b\n", "unsupported file type"),
+    ("none*.jsonl", None, "glob matches no"),
+    ("dir", "DIR", "directory holds no"),
+])
+def test_files_without_data_fail_in_one_line(case, content, problem, tmp_path):
+    path = tmp_path / case
+    if content == "DIR":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "data.validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and str(path) in proc.stderr and problem in proc.stderr
+
+
+def test_a_file_of_only_invalid_records_is_an_error_even_when_skipping(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"x": 1}\n{"conversations": [{"from": "gpt", "value": "a"}]}\n')
+    proc = subprocess.run([sys.executable, "-m", "data.validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stdout.strip().splitlines()) == 2  # each bad record, as usual
+    assert "error: all 2 record(s) are invalid" in proc.stderr and f"{path}:1:" in proc.stderr
+    with pytest.raises(ValueError, match="all 2 record"):
+        load_conversations(path, "skip")
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "locked.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    real_open = builtins.open
+
+    def guarded(file, *a, **k):  # root ignores permission bits, so refuse the read the way the OS would
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    with pytest.raises(PermissionError, match=r"locked\.jsonl: cannot read the file \(permission denied\)"):
+        load_conversations(path)
