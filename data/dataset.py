@@ -18,6 +18,7 @@ valid cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -41,7 +42,7 @@ from data.validate import (
     Problem,
     ValidationOptions,
     format_report,
-    load_conversations,
+    iter_conversations,
     write_report,
 )
 
@@ -79,7 +80,10 @@ class BuildStats:
         return d
 
 
-# --- sources: `PATH[:WEIGHT][:count=N][:template=NAME]` ------------------------------------------------------------
+FORMATS = ("sharegpt", "openai", "alpaca")
+
+
+# --- sources: `PATH[:WEIGHT][:count=N][:template=NAME][:format=F]` ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,17 @@ class Source:
     weight: float | None = None  # use this multiple of the source's records (0.5: half of them, 2: each twice)
     count: int | None = None  # or exactly this many records (sampled without repeats up to the source's size)
     template: str | None = None  # this source's chat template (default: --template)
+    format: str | None = None  # sharegpt | openai | alpaca: records of another format are invalid (default: any)
 
     def spec(self) -> dict:
         return asdict(self)
 
 
-_OPTION = re.compile(r"^(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)|(?P<key>weight|count|template)=(?P<value>[^:]+))$")
+_OPTION = re.compile(r"^(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)|(?P<key>weight|count|template|format)=(?P<value>[^:]+))$")
 
 
 def parse_source(spec: str) -> Source:
-    """`data.jsonl`, `data.jsonl:0.5`, `a/*.json:count=1000:template=llama-2`. Options are peeled off the end, so
+    """`data.jsonl`, `data.jsonl:0.5`, `a/*.json:count=1000:template=llama-2:format=sharegpt`. Options are peeled off the end, so
     a path holding ':' still works when no option follows it."""
     parts, options = spec.split(":"), {}
     while len(parts) > 1 and (m := _OPTION.match(parts[-1])):
@@ -116,7 +121,10 @@ def parse_source(spec: str) -> Source:
         raise ValueError(f"--data_path {spec}: weight and count must be > 0")
     if weight is not None and count is not None:
         raise ValueError(f"--data_path {spec}: give a weight or a count, not both")
-    return Source(path, weight, count, options.get("template"))
+    fmt = options.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"--data_path {spec}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return Source(path, weight, count, options.get("template"), fmt)
 
 
 def parse_sources(paths) -> list[Source]:
@@ -125,9 +133,10 @@ def parse_sources(paths) -> list[Source]:
     return [p if isinstance(p, Source) else parse_source(str(p)) for p in paths]
 
 
-def mix(records: list[dict], source: Source, seed: int, index: int) -> list[dict]:
-    """The records a source contributes: all of them, or `weight`x / `count` of them, chosen by seed (whole
-    repeats first, then a seeded sample without replacement for the rest)."""
+def mix(records, source: Source, seed: int, index: int) -> list:
+    """The records (or record indices) a source contributes: all of them, or `weight`x / `count` of them, chosen by
+    seed (whole repeats first, then a seeded sample without replacement for the rest)."""
+    records = list(records)
     if source.weight is None and source.count is None:
         return records
     want = source.count if source.count is not None else round(source.weight * len(records))
@@ -308,32 +317,42 @@ def _build_once(sources, tokenizer, cfg: DataConfig, num_proc: int, root: Path, 
 
 
 def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out: Path, verbose: bool) -> None:
-    from datasets import Dataset
+    import pyarrow as pa
+    from datasets import Dataset, concatenate_datasets
 
     run_encoder(tokenizer)  # prove the tokenizer once, before forking workers
-    ids, source_idx, templates, messages = [], [], [], []
     report = LoadReport()
-    per_source = []
+    per_source, parts = [], []
+    schema = pa.schema([("id", pa.string()), ("source", pa.int32()), ("template", pa.string()),
+                        ("messages", pa.string())])
     for i, source in enumerate(sources):
-        records, rep = load_conversations(source.path, cfg.on_bad_record, cfg.validation)
+        # records stream to an Arrow file in chunks: the builder's memory does not grow with the data
+        template = source.template or cfg.template
+        rep = LoadReport()
+        path = out / f"raw-{i}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            chunk: list[dict] = []
+            opts = dataclasses.replace(cfg.validation, expect_format=source.format)
+            for rec in iter_conversations(source.path, cfg.on_bad_record, opts, rep):
+                chunk.append(rec)
+                if len(chunk) == 4096:
+                    writer.write_batch(_raw_batch(chunk, i, template, schema))
+                    chunk = []
+            if chunk:
+                writer.write_batch(_raw_batch(chunk, i, template, schema))
         report.rows += rep.rows
         report.kept += rep.kept
         report.skipped += rep.skipped
         report.fixes.update(rep.fixes)
-        used = mix(records, source, cfg.seed, i)
-        template = source.template or cfg.template
-        per_source.append({**source.spec(), "template": template, "records": rep.rows, "conversations": len(used),
+        part = Dataset.from_file(str(path))
+        chosen = mix(range(len(part)), source, cfg.seed, i)
+        parts.append(part if len(chosen) == len(part) and source.weight is None and source.count is None
+                     else part.select(chosen))
+        per_source.append({**source.spec(), "template": template, "records": rep.rows, "conversations": len(chosen),
                            "samples": 0, "tokens": 0})
-        for r in used:
-            ids.append(r["id"])
-            source_idx.append(i)
-            templates.append(template)
-            messages.append(json.dumps(r["messages"]))
-        del records, used
-    if not ids:
+    raw = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(raw) == 0:
         raise DataError([], header=f"--data_path {' '.join(s.path for s in sources)}: no conversations to train on")
-    raw = Dataset.from_dict({"id": ids, "source": source_idx, "template": templates, "messages": messages})
-    del ids, source_idx, templates, messages
     tokenized = raw.map(
         _tokenize_rows, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 and len(raw) > 256 else None,
         remove_columns=raw.column_names, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
@@ -361,9 +380,17 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
     ]
     (out / "data_report.json").write_text(json.dumps(saved, indent=2))
     del tokenized, kept
-    for scratch in [*out.glob("tokenized*.arrow"), *out.glob("kept*.arrow")]:  # map/filter scratch (per worker)
-        scratch.unlink()
+    del raw, parts
+    for scratch in [*out.glob("tokenized*.arrow"), *out.glob("kept*.arrow"), *out.glob("raw-*.arrow")]:
+        scratch.unlink()  # map/filter scratch (one per worker) and the streamed records
     (out / PUBLISHED).write_text(json.dumps({"stats": stats.summary(), "config": asdict(cfg)}))
+
+
+def _raw_batch(records: list[dict], source: int, template: str, schema):
+    import pyarrow as pa
+
+    return pa.record_batch([[r["id"] for r in records], [source] * len(records), [template] * len(records),
+                            [json.dumps(r["messages"]) for r in records]], schema=schema)
 
 
 def _per_source_counts(ds, n_sources: int):

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from data.formats import Row, read_rows
@@ -59,6 +59,7 @@ class DataError(ValueError):
 class ValidationOptions:
     merge_consecutive: bool = False  # join two consecutive same-role turns with a blank line
     drop_leading_assistant: bool = False  # drop assistant turns before the first user turn (FastChat does)
+    expect_format: str | None = None  # sharegpt | openai | alpaca: records of another format are invalid
 
 
 @dataclass
@@ -224,6 +225,9 @@ def normalize_row(row: Row, opts: ValidationOptions | None = None, fixes: Counte
             raise _Bad("missing-field" if not kinds else "unknown-field",
                        "record must have exactly one of 'conversations' (ShareGPT), 'messages' (OpenAI) or "
                        f"'instruction' (Alpaca); {found}")
+        found_format = {"conversations": "sharegpt", "messages": "openai", "instruction": "alpaca"}[kinds[0]]
+        if opts.expect_format and found_format != opts.expect_format:
+            raise _Bad("wrong-format", f"a {found_format} record in a source declared format={opts.expect_format}")
         convert = {"conversations": _messages_from_sharegpt, "messages": _messages_from_openai,
                    "instruction": _messages_from_alpaca}[kinds[0]]
         local = Counter()
@@ -234,26 +238,34 @@ def normalize_row(row: Row, opts: ValidationOptions | None = None, fixes: Counte
     return {"id": rid if rid is not None else f"{os.path.basename(row.path)}:{row.loc}", "messages": msgs}, None
 
 
-def load_conversations(paths, on_bad_record: str = "error", opts: ValidationOptions | None = None) -> tuple[list[dict], LoadReport]:
-    """Read + validate + normalize. `error`: raise DataError listing every problem; `skip`: report them."""
+def iter_conversations(paths, on_bad_record: str = "error", opts: ValidationOptions | None = None,
+                       report: LoadReport | None = None) -> Iterator[dict]:
+    """Read + validate + normalize, one record at a time (memory independent of the data's size); fills `report`.
+    `error`: after reading everything, raise DataError listing every problem; `skip`: report them."""
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"--on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
-    report = LoadReport()
-    records: list[dict] = []
+    report = report if report is not None else LoadReport()
     for row in read_rows(paths):
         report.rows += 1
         rec, problem = normalize_row(row, opts, report.fixes)
         if problem:
             report.skipped.append(problem)
         else:
-            records.append(rec)
-    report.kept = len(records)
+            report.kept += 1
+            if not (report.skipped and on_bad_record == "error"):  # nothing will be trained on: stop yielding
+                yield rec
     if report.skipped and on_bad_record == "error":
         raise DataError(report.skipped)
-    if report.rows and not records:  # --on_bad_record skip must not turn a wholly bad file into "0 samples"
+    if report.rows and not report.kept:  # --on_bad_record skip must not turn a wholly bad file into "0 samples"
         first = report.skipped[0]
         raise DataError(report.skipped, header=f"all {report.rows} record(s) are invalid, nothing to train on; "
                                               f"the first: {first}")
+
+
+def load_conversations(paths, on_bad_record: str = "error", opts: ValidationOptions | None = None) -> tuple[list[dict], LoadReport]:
+    """Read + validate + normalize into a list. `error`: raise DataError listing every problem; `skip`: report them."""
+    report = LoadReport()
+    records = list(iter_conversations(paths, on_bad_record, opts, report))
     return records, report
 
 

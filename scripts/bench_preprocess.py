@@ -113,8 +113,13 @@ def scale(args) -> None:
             for kind, workers in runs:
                 cmd = [sys.executable, __file__, "--child", kind, str(path), str(workers), "--tokenizer",
                        args.tokenizer, "--max_length", str(args.max_length)]
-                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
                 name = "chattune build_dataset" if kind == "chattune" else "FastChat 0.2.36 preprocess"
+                if proc.returncode != 0:  # FastChat pads every sample in memory: at size the OOM killer ends it
+                    why = "killed by SIGKILL (out of memory)" if proc.returncode == -9 else proc.stderr[-300:]
+                    print(f"{name:<34}{size:>14,}{workers:>8}  {why}", flush=True)
+                    continue
+                r = json.loads(proc.stdout.splitlines()[-1])
                 worker = f"{r['worker_peak_mb']:>10.0f} MB" if kind == "chattune" and workers > 1 else f"{'-':>13}"
                 print(f"{name:<34}{size:>14,}{workers:>8}{r['seconds']:>9.1f}{size / r['seconds']:>8.0f}"
                       f"{r['peak_mb']:>7.0f} MB{worker}", flush=True)

@@ -51,7 +51,8 @@ class TrainConfig:
     flash_attn: bool = _help("use flash-attn 2 (train_mem.py turns this on when flash-attn is importable)", default=False)
     # --- data ---
     data_path: list[str] = _help("training data: .json/.jsonl/.parquet files, dirs or globs; several sources mix, each "
-                                 "as PATH[:WEIGHT][:count=N][:template=NAME] (e.g. a.jsonl:2 b/*.json:count=5000)",
+                                 "as PATH[:WEIGHT][:count=N][:template=NAME][:format=sharegpt|openai|alpaca] (e.g. a.jsonl:2 "
+                                 "b/*.json:count=5000)",
                                  default_factory=list)
     eval_data_path: list[str] = _help("held-out data for eval loss", default_factory=list)
     template: str = _help(f"chat template: {', '.join(TEMPLATE_NAMES)}", default="vicuna_v1.1")

@@ -293,3 +293,12 @@ def test_several_sources_mix_by_weight_count_and_template(tokenizers, tmp_path):
     assert parse_source(str(a)).weight is None and parse_source("/x/y:z.jsonl").path == "/x/y:z.jsonl"
     with pytest.raises(ValueError, match="weight or a count, not both"):
         parse_source(f"{a}:0.5:count=3")
+    # a declared format: records of another format in that source are invalid records, counted per rule
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(a.read_text() + json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    ds, _, report = build_dataset([f"{mixed}:format=sharegpt"], tok, DataConfig(template="vicuna_v1.1",
+                                  on_bad_record="skip"), cache=tmp_path / "cache4", verbose=False)
+    assert len(ds) == 10 and [p.rule for p in report.skipped] == ["wrong-format"]
+    assert "alpaca record in a source declared format=sharegpt" in report.skipped[0].message
+    with pytest.raises(ValueError, match="format must be one of"):
+        parse_source(f"{a}:format=csv")

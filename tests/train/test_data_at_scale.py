@@ -4,63 +4,26 @@ training with one line naming the file."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
 import pytest
-from helpers import ENV, ROOT, common, free_port
-
-PEAK_PROBE = """
-import json, os, resource, sys
-sys.path.insert(0, os.environ["CHATTUNE_ROOT"])
-from train.train import main
-rc = main(sys.argv[2:])
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w").write(json.dumps({"rc": rc, "peak_mb": peak_mb}))
-"""
-
-
-def conversations(path, n: int) -> None:
-    rng = random.Random(0)
-    words = "the cat sat on a mat while rain fell over old maps and tea".split()
-    with open(path, "w") as f:
-        for i in range(n):
-            q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
-            a = " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))
-            f.write(json.dumps({"id": str(i), "conversations": [{"from": "human", "value": q},
-                                                                 {"from": "gpt", "value": a}]}) + "\n")
-
-
-def peak_rss(tiny_llama, data, out, tmp_path) -> list[float]:
-    probe = tmp_path / "probe.py"
-    probe.write_text(PEAK_PROBE)
-    out.mkdir()
-    flags = common(tiny_llama, out, data_path=str(data), max_steps=2, per_device_train_batch_size=2, save_strategy="no",
-                   packing=True, model_max_length=256)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(probe), str(out)] + flags
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "CHATTUNE_ROOT": str(ROOT),
-                                                                    "CHATTUNE_CACHE": str(tmp_path / "cache")},
-                          cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["rc"] == 0 for r in ranks)
-    return [r["peak_mb"] for r in ranks]
+from helpers import ENV, ROOT, common
 
 
 @pytest.mark.slow
-def test_sixty_thousand_conversations_cost_each_rank_little_memory(tiny_llama, tmp_path):
+def test_sixty_thousand_conversations_cost_each_rank_little_memory(tmp_path):
     """60,000 conversations instead of 200 add <= 300 MB of peak RSS per rank (2 ranks): the rows stay in the
-    memory-mapped Arrow cache, and plans read only its lengths column."""
-    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
-    conversations(small, 200)
-    conversations(big, 60_000)
-    base = peak_rss(tiny_llama, small, tmp_path / "out-small", tmp_path)
-    large = peak_rss(tiny_llama, big, tmp_path / "out-big", tmp_path)
-    growth = [b - a for a, b in zip(base, large)]
-    print(f"peak RSS per rank: 200 conversations {base}, 60,000 {large}, growth {growth} MB")
-    assert all(g <= 300 for g in growth), growth
+    memory-mapped Arrow cache, and plans read only its lengths column (scripts/bench_data_memory.py measures)."""
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_data_memory.py"), "--sizes", "200", "60000",
+                           "--plan-samples", "200000", "--json", str(out)], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    growth = figures["rows"][-1]["growth_mb"]
+    assert len(growth) == 2 and all(g <= 300 for g in growth), proc.stdout
+    assert figures["plan"]["ranks_agree"]
 
 
 @pytest.mark.parametrize("case", ["empty", "whitespace", "empty-array", "all-invalid", "no-glob-match", "empty-dir",
