@@ -44,6 +44,7 @@ def worker(argv: list[str]) -> int:
     loop = recipe.train_loop
 
     def measured_loop(**kwargs):
+        record["before_loop_mb"] = _peak_mb()  # load + shard: the peak so far
         state = loop(**kwargs)
         record["step_mb"] = _peak_mb()
         return state
@@ -138,10 +139,12 @@ def main() -> int:
                                  "big_mb": large[rank]["step_mb"], "growth_mb": growth, "growth_S": growth / size_mb,
                                  "growth_S_with_export": growth_end / size_mb, "target_S": target})
                     r = rows[-1]
+                    r["load_growth_S"] = (large[rank]["before_loop_mb"] - small[rank]["before_loop_mb"]) / size_mb
                     verdict = "" if target is None else ("ok" if r["growth_S"] <= target else "OVER")
                     print(f"{backend:6} {mode:5} rank {rank}: peak {r['tiny_mb']:7,.0f} MB (tiny) → {r['big_mb']:7,.0f} MB "
                           f"(big); growth {growth:7,.0f} MB = {r['growth_S']:.2f} S (with final export "
-                          f"{r['growth_S_with_export']:.2f} S){f'; target ≤ {target} S: {verdict}' if target else ''}",
+                          f"{r['growth_S_with_export']:.2f} S; after load {r['load_growth_S']:.2f} S)"
+                          f"{f'; target ≤ {target} S: {verdict}' if target else ''}",
                           flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"params": n_big, "S_mb": size_mb, "rows": rows}, indent=2))
