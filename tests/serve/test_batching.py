@@ -106,12 +106,13 @@ def test_a_cancelled_request_leaves_within_a_step_and_the_others_are_unaffected(
         tickets = [engine.submit(ids, p, set(), got.emit(i)) for i, ids in enumerate(ps)]
         while len(got.text[1]) < 3:
             time.sleep(0.001)
-        steps_at_cancel = engine.steps
         tickets[1].cancel()
+        steps_at_cancel = engine.steps  # read after cancel(): the engine may have stepped in between
         assert got.done.wait(120)
         kind, result = got.results[1]
         assert kind == "done" and result.finish_reason == "cancelled" and result.completion_tokens < 60
-        assert result.completion_tokens <= steps_at_cancel + 3  # it stopped within a step or two of the cancel
+        # one token from the prefill, one per decode step it took part in: none after the step that saw the cancel
+        assert result.completion_tokens <= steps_at_cancel + 2
         assert [got.text[0], got.text[2]] == [alone(model, tok, ps[0], p), alone(model, tok, ps[2], p)]
     finally:
         engine.stop()
