@@ -219,38 +219,21 @@ def test_waiting_ranks_poll_for_the_build_and_fail_with_the_builders_error(token
     assert len(ds) > 200
 
 
-NODE_SCRIPT = """
-import json, os, sys
-import torch.distributed as dist
-import data.dataset as dd
-from data.tokenizer import load_tokenizer
-dist.init_process_group("gloo")
-built = []
-real = dd._build
-dd._build = lambda *a, **k: (built.append(dist.get_rank()), real(*a, **k))
-ds, stats, _ = dd.build_dataset(sys.argv[1], load_tokenizer("asset:smollm2"), dd.DataConfig(template="chatml", max_length=48),
-                                cache=os.environ["NODE_CACHE"], verbose=False)
-out = {"rank": dist.get_rank(), "built": built, "n": len(ds), "first": ds[0]["input_ids"]}
-open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w").write(json.dumps(out))
-dist.barrier()
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
 def test_two_nodes_each_build_their_node_local_cache(tmp_path):
     """2 ranks as 2 nodes (torchrun --nnodes 2, one process each, distinct node-local cache dirs): each node's
     local rank 0 builds its own copy; both copies hold the same rows."""
     script = tmp_path / "node.py"
-    script.write_text(NODE_SCRIPT)
+    script.write_text(RANK_SCRIPT)
     port = free_port()
     procs = []
-    for node in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "NODE_CACHE": str(tmp_path / f"node{node}-cache")}
+    for node in (0, 1):  # each node's launcher names its own cache directory
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-             "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(DEMO), str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+             "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(DEMO),
+             str(tmp_path / f"node{node}-cache"), str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT))
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
