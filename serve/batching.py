@@ -170,22 +170,12 @@ class BatchEngine:
         logits = out.logits[:, -1].float().cpu()
         rows, keep = [], []
         for i, (t, decoder) in enumerate(zip(live, decoders)):
-            token, delta = decoder.step(logits[i])
-            if delta:
-                t.emit("delta", delta)
-            if token is None:
-                t.emit("done", t.result)
-            else:
+            token = _step(t, decoder, logits[i])
+            if token is not None:
                 rows.append(_Row(t, decoder, token, len(t.ids)))
                 keep.append(i)
-        if not rows:
-            return
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=self.device)
-            mask = mask.index_select(0, index)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-        self._splice(rows, cache, mask)
+        if rows:
+            self._splice(rows, cache, mask if len(keep) == len(live) else _keep_rows(cache, mask, keep, self.device))
 
     def _splice(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         """Add prefilled requests' cache (and its padding mask) to the running batch, left-padding the shorter side."""
@@ -212,12 +202,8 @@ class BatchEngine:
         for i, r in enumerate(self._rows):
             if r.ticket.cancelled.is_set():
                 continue
-            token, delta = r.decoder.step(logits[i])
-            if delta:
-                r.ticket.emit("delta", delta)
-            if token is None:
-                r.ticket.emit("done", r.ticket.result)
-            else:
+            token = _step(r.ticket, r.decoder, logits[i])
+            if token is not None:
                 r.next_token, r.position = token, r.position + 1
 
     def _drop_finished(self) -> None:
@@ -233,16 +219,32 @@ class BatchEngine:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
-        if not keep:
+        if keep:
+            self._mask = _keep_rows(self._cache, self._mask, keep, self.device)
+        else:
             self._cache, self._mask = None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row go
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _step(ticket: Ticket, decoder: RequestDecoder, logits: torch.Tensor) -> int | None:
+    """One request samples from its row and reports what it produced; the next token, or None when it is done."""
+    token, delta = decoder.step(logits)
+    if delta:
+        ticket.emit("delta", delta)
+    if token is None:
+        ticket.emit("done", ticket.result)
+    return token
+
+
+def _keep_rows(cache, mask: torch.Tensor, keep: list[int], device) -> torch.Tensor:
+    """Keep only rows `keep` of a left-padded cache (in place) and of its mask (returned); columns that are padding
+    in every remaining row go too."""
+    index = torch.tensor(keep, device=device)
+    mask = mask.index_select(0, index)
+    start = int((mask.sum(0) > 0).nonzero()[0])
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+        layer.values = layer.values.index_select(0, index)[:, :, start:]
+    return mask[:, start:]
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:

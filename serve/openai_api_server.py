@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import secrets
 import signal
@@ -106,9 +107,8 @@ def fit_to_context(params: SamplingParams, prompt_tokens: int, loaded: LoadedMod
         raise RequestError(f"the prompt has {prompt_tokens} tokens; at most {limit} are allowed (the model's context "
                            f"is {loaded.context_length})", param)
     room = loaded.context_length - prompt_tokens
-    wanted = params.max_new_tokens or 512
-    return SamplingParams(params.temperature, params.top_p, params.repetition_penalty, min(wanted, room), params.seed,
-                          params.stop + (loaded.stop_strings if chat else []))
+    return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens or 512, room),
+                               stop=params.stop + (loaded.stop_strings if chat else []))
 
 
 def chat_messages(body: dict, limits: Limits) -> list[dict]:
@@ -152,15 +152,14 @@ class Service:
         self.engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch=limits.limit_concurrency)
         self.admitted = 0  # touched on the event loop only
 
-    def admit(self, n: int) -> None:
+    def admit(self, n: int) -> Lease:
+        """Claim n generations (429 beyond running + waiting capacity); the lease gives them back when closed."""
         if self.admitted + n > self.limits.limit_concurrency + self.limits.max_queue:
             raise RequestError(f"the server is at capacity ({self.limits.limit_concurrency} generations running, "
                                f"{self.limits.max_queue} waiting); retry shortly", None, 429, "rate_limit_error",
                                {"Retry-After": str(self.limits.retry_after_s)})
         self.admitted += n
-
-    def release(self, n: int) -> None:
-        self.admitted -= n
+        return Lease(self, n)
 
     def submit(self, ids: list[int], params: SamplingParams, n: int) -> tuple[list[Ticket], asyncio.Queue]:
         """Start n generations; their events arrive on one asyncio queue as (index, kind, payload)."""
@@ -168,7 +167,7 @@ class Service:
         events: asyncio.Queue = asyncio.Queue()
         tickets = []
         for i in range(n):
-            p = SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + i})
+            p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
 
             def emit(kind, payload, i=i):
                 try:
@@ -198,7 +197,7 @@ class Lease:
             t.cancel()
         if not self.closed:
             self.closed = True
-            self.service.release(self.n)
+            self.service.admitted -= self.n
 
 
 class LeasedStream(StreamingResponse):
@@ -284,7 +283,7 @@ def create_app(service: Service, api_keys: list[str] | None = None):
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def prepare(request: Request, chat: bool):
-        """Body → (prompt ids, sampling params, n), with the request admitted; release with service.release(n)."""
+        """Body → (body, prompt ids, sampling params, the lease of its admitted generations)."""
         body = await read_body(request)
         params, n = parse_sampling(body, limits)
         if chat:
@@ -295,7 +294,7 @@ def create_app(service: Service, api_keys: list[str] | None = None):
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise RequestError("'prompt' must be a non-empty string", "prompt")
-        service.admit(n)  # before tokenizing: an over-capacity request costs no CPU
+        lease = service.admit(n)  # before tokenizing: an over-capacity request costs no CPU
         try:
             tok = service.loaded.tokenizer
             if chat:
@@ -304,11 +303,11 @@ def create_app(service: Service, api_keys: list[str] | None = None):
                 ids = await run_in_threadpool(lambda: tok(prompt).input_ids)
             params = fit_to_context(params, len(ids), service.loaded, limits, "messages" if chat else "prompt", chat)
         except BaseException:
-            service.release(n)
+            lease.close()
             raise
-        return body, ids, params, n
+        return body, ids, params, lease
 
-    def streaming(kind: str, rid: str, ids: list[int], params: SamplingParams, n: int) -> StreamingResponse:
+    def streaming(kind: str, rid: str, ids: list[int], params: SamplingParams, lease: Lease) -> StreamingResponse:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -320,7 +319,7 @@ def create_app(service: Service, api_keys: list[str] | None = None):
                 choice = {"index": index, "text": delta or "", "finish_reason": finish}
             return {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [choice]}
 
-        lease = Lease(service, n)
+        n = lease.n
 
         async def events():
             # Runs as the response's task: a client that disconnects cancels it (starlette listens for
@@ -350,12 +349,11 @@ def create_app(service: Service, api_keys: list[str] | None = None):
 
         return LeasedStream(events(), lease)
 
-    async def complete(request: Request, ids: list[int], params: SamplingParams, n: int) -> list[GenerationResult]:
-        """Wait for n generations; cancel them the moment the client disconnects."""
-        lease = Lease(service, n)
+    async def complete(request: Request, ids: list[int], params: SamplingParams, lease: Lease) -> list[GenerationResult]:
+        """Wait for the lease's generations; cancel them the moment the client disconnects."""
         try:
             queue = lease.start(ids, params)
-            pending = n
+            pending = lease.n
             checked = time.monotonic()
             while pending:
                 try:
@@ -376,11 +374,11 @@ def create_app(service: Service, api_keys: list[str] | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body, ids, params, n = await prepare(request, chat=True)
+        body, ids, params, lease = await prepare(request, chat=True)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if body.get("stream"):
-            return streaming("chat", rid, ids, params, n)
-        results = await complete(request, ids, params, n)
+            return streaming("chat", rid, ids, params, lease)
+        results = await complete(request, ids, params, lease)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": service.model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
                              "finish_reason": r.finish_reason} for i, r in enumerate(results)],
@@ -388,11 +386,11 @@ def create_app(service: Service, api_keys: list[str] | None = None):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body, ids, params, n = await prepare(request, chat=False)
+        body, ids, params, lease = await prepare(request, chat=False)
         rid = f"cmpl-{secrets.token_hex(12)}"
         if body.get("stream"):
-            return streaming("text", rid, ids, params, n)
-        results = await complete(request, ids, params, n)
+            return streaming("text", rid, ids, params, lease)
+        results = await complete(request, ids, params, lease)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": service.model_name,
                 "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
                             for i, r in enumerate(results)],

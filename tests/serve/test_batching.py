@@ -3,6 +3,7 @@ and each gets exactly what it gets decoded alone."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -54,6 +55,25 @@ def alone(model, tok, ids, params) -> str:
     return "".join(stream_generate(model, tok, ids, params, set()))
 
 
+@contextlib.contextmanager
+def running(model, tok, max_batch: int):
+    engine = BatchEngine(model, tok, max_batch=max_batch)
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def submit_all(engine, jobs, stagger: float = 0.0):
+    """Submit (ids, params) jobs, the i-th after i * stagger seconds; returns their collector and tickets."""
+    got = Collector(len(jobs))
+    tickets = []
+    for i, (ids, p) in enumerate(jobs):
+        tickets.append(engine.submit(ids, p, set(), got.emit(i)))
+        time.sleep(stagger * i)
+    return got, tickets
+
+
 def test_concurrent_requests_share_forwards_and_match_alone(model_and_tok):
     model, tok = model_and_tok
     ps = prompts(tok, 8)
@@ -61,12 +81,8 @@ def test_concurrent_requests_share_forwards_and_match_alone(model_and_tok):
         [SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_new_tokens=25),  # seeded sampling: reproducible
          SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=25)]
     expected = [alone(model, tok, ids, p) for ids, p in zip(ps, params)]
-    engine = BatchEngine(model, tok, max_batch=8)
-    try:
-        got = Collector(len(ps))
-        for i, (ids, p) in enumerate(zip(ps, params)):  # staggered: requests join a batch that is already running
-            engine.submit(ids, p, set(), got.emit(i))
-            time.sleep(0.002 * i)
+    with running(model, tok, 8) as engine:
+        got, _ = submit_all(engine, list(zip(ps, params)), stagger=0.002)  # newcomers join a running batch
         assert got.done.wait(120)
         assert got.text == expected
         assert all(kind == "done" and r.finish_reason == "length" for kind, r in got.results)
@@ -77,33 +93,24 @@ def test_concurrent_requests_share_forwards_and_match_alone(model_and_tok):
         while engine.running or engine.waiting:  # finished rows leave right after their last event
             assert time.time() < deadline
             time.sleep(0.01)
-    finally:
-        engine.stop()
 
 
 def test_more_requests_than_slots_wait_then_run(model_and_tok):
     model, tok = model_and_tok
     ps = prompts(tok, 5, seed=3)
     p = SamplingParams(temperature=0, max_new_tokens=12)
-    engine = BatchEngine(model, tok, max_batch=2)
-    try:
-        got = Collector(len(ps))
-        for i, ids in enumerate(ps):
-            engine.submit(ids, p, set(), got.emit(i))
+    with running(model, tok, 2) as engine:
+        got, _ = submit_all(engine, [(ids, p) for ids in ps])
         assert got.done.wait(120)
         assert got.text == [alone(model, tok, ids, p) for ids in ps]
-    finally:
-        engine.stop()
 
 
 def test_a_cancelled_request_leaves_within_a_step_and_the_others_are_unaffected(model_and_tok):
     model, tok = model_and_tok
     ps = prompts(tok, 3, seed=7)
     p = SamplingParams(temperature=0, max_new_tokens=60)
-    engine = BatchEngine(model, tok, max_batch=4)
-    try:
-        got = Collector(3)
-        tickets = [engine.submit(ids, p, set(), got.emit(i)) for i, ids in enumerate(ps)]
+    with running(model, tok, 4) as engine:
+        got, tickets = submit_all(engine, [(ids, p) for ids in ps])
         while len(got.text[1]) < 3:
             time.sleep(0.001)
         tickets[1].cancel()
@@ -114,8 +121,6 @@ def test_a_cancelled_request_leaves_within_a_step_and_the_others_are_unaffected(
         # one token from the prefill, one per decode step it took part in: none after the step that saw the cancel
         assert result.completion_tokens <= steps_at_cancel + 2
         assert [got.text[0], got.text[2]] == [alone(model, tok, ps[0], p), alone(model, tok, ps[2], p)]
-    finally:
-        engine.stop()
 
 
 def test_stop_tokens_and_strings_end_each_row_on_its_own(model_and_tok):
@@ -124,24 +129,19 @@ def test_stop_tokens_and_strings_end_each_row_on_its_own(model_and_tok):
     free = alone(model, tok, ids, SamplingParams(temperature=0, max_new_tokens=40))
     stop = free[10:14]
     assert stop and stop in free
-    engine = BatchEngine(model, tok, max_batch=4)
-    try:
-        got = Collector(2)
-        engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=40, stop=[stop]), set(), got.emit(0))
-        engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=40), set(), got.emit(1))
+    with running(model, tok, 4) as engine:
+        got, _ = submit_all(engine, [(ids, SamplingParams(temperature=0, max_new_tokens=40, stop=[stop])),
+                                     (ids, SamplingParams(temperature=0, max_new_tokens=40))])
         assert got.done.wait(120)
         assert got.text[0] == free[:free.index(stop)] and got.results[0][1].finish_reason == "stop"
         assert got.text[1] == free and got.results[1][1].finish_reason == "length"
-    finally:
-        engine.stop()
 
 
 def test_stopping_the_engine_cancels_what_is_queued_and_running(model_and_tok):
     model, tok = model_and_tok
     engine = BatchEngine(model, tok, max_batch=1)
-    got = Collector(3)
-    for i, ids in enumerate(prompts(tok, 3, seed=2)):
-        engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=100000), set(), got.emit(i))
+    got, _ = submit_all(engine, [(ids, SamplingParams(temperature=0, max_new_tokens=100000))
+                                 for ids in prompts(tok, 3, seed=2)])
     time.sleep(0.2)
     engine.stop()
     assert got.done.wait(30)
