@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data.assets import cache_dir
-from data.formats import expand_paths
+from data.formats import Source, expand_paths, parse_sources
 from data.tokenize import IGNORE_INDEX, tokenize_batch
 from data.tokenizer import run_encoder, tokenizer_fingerprint
 from data.validate import (
@@ -80,65 +79,12 @@ class BuildStats:
         return d
 
 
-FORMATS = ("sharegpt", "openai", "alpaca")
-
-
-# --- sources: `PATH[:WEIGHT][:count=N][:template=NAME][:format=F]` ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    path: str  # a file, directory or glob
-    weight: float | None = None  # use this multiple of the source's records (0.5: half of them, 2: each twice)
-    count: int | None = None  # or exactly this many records (sampled without repeats up to the source's size)
-    template: str | None = None  # this source's chat template (default: --template)
-    format: str | None = None  # sharegpt | openai | alpaca: records of another format are invalid (default: any)
-
-    def spec(self) -> dict:
-        return asdict(self)
-
-
-_OPTION = re.compile(r"^(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)|(?P<key>weight|count|template|format)=(?P<value>[^:]+))$")
-
-
-def parse_source(spec: str) -> Source:
-    """`data.jsonl`, `data.jsonl:0.5`, `a/*.json:count=1000:template=llama-2:format=sharegpt`. Options are peeled off the end, so
-    a path holding ':' still works when no option follows it."""
-    parts, options = spec.split(":"), {}
-    while len(parts) > 1 and (m := _OPTION.match(parts[-1])):
-        key, value = ("weight", m["weight"]) if m["weight"] is not None else (m["key"], m["value"])
-        if key in options:
-            raise ValueError(f"--data_path {spec}: '{key}' given twice")
-        options[key] = value
-        parts.pop()
-    path = ":".join(parts)
-    try:
-        weight = float(options["weight"]) if "weight" in options else None
-        count = int(options["count"]) if "count" in options else None
-    except ValueError:
-        raise ValueError(f"--data_path {spec}: weight must be a number and count an integer") from None
-    if weight is not None and weight <= 0 or count is not None and count <= 0:
-        raise ValueError(f"--data_path {spec}: weight and count must be > 0")
-    if weight is not None and count is not None:
-        raise ValueError(f"--data_path {spec}: give a weight or a count, not both")
-    fmt = options.get("format")
-    if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"--data_path {spec}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    return Source(path, weight, count, options.get("template"), fmt)
-
-
-def parse_sources(paths) -> list[Source]:
-    if isinstance(paths, str | os.PathLike):
-        paths = [paths]
-    return [p if isinstance(p, Source) else parse_source(str(p)) for p in paths]
-
-
-def mix(records, source: Source, seed: int, index: int) -> list:
+def mix(records, source: Source, seed: int, index: int):
     """The records (or record indices) a source contributes: all of them, or `weight`x / `count` of them, chosen by
     seed (whole repeats first, then a seeded sample without replacement for the rest)."""
-    records = list(records)
     if source.weight is None and source.count is None:
         return records
+    records = list(records)
     want = source.count if source.count is not None else round(source.weight * len(records))
     whole, rest = divmod(want, len(records)) if records else (0, 0)
     rng = random.Random(f"{seed}:{index}:{source.path}")
@@ -345,9 +291,9 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
         report.skipped += rep.skipped
         report.fixes.update(rep.fixes)
         part = Dataset.from_file(str(path))
-        chosen = mix(range(len(part)), source, cfg.seed, i)
-        parts.append(part if len(chosen) == len(part) and source.weight is None and source.count is None
-                     else part.select(chosen))
+        whole = range(len(part))
+        chosen = mix(whole, source, cfg.seed, i)
+        parts.append(part if chosen is whole else part.select(chosen))
         per_source.append({**source.spec(), "template": template, "records": rep.rows, "conversations": len(chosen),
                            "samples": 0, "tokens": 0})
     raw = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -365,8 +311,8 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
     kept = kept.remove_columns("dropped")
     lengths = kept.data.column("length").to_numpy()
     supervised = kept.data.column("num_supervised").to_numpy()
-    for src, n, tok_count in zip(*_per_source_counts(kept, len(sources))):
-        per_source[src]["samples"], per_source[src]["tokens"] = n, tok_count
+    for src, n, tok_count in zip(per_source, *_per_source_counts(kept, len(sources))):
+        src["samples"], src["tokens"] = n, tok_count
     stats = BuildStats(
         conversations=len(raw), samples=len(kept), tokens=int(lengths.sum()), supervised_tokens=int(supervised.sum()),
         truncated=int(kept.data.column("truncated").to_numpy().sum()), dropped=dict(dropped), sources=per_source,
@@ -379,8 +325,7 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
         for rid, reason in zip(tokenized.data.column("id").to_pylist(), dropped_col) if reason
     ]
     (out / "data_report.json").write_text(json.dumps(saved, indent=2))
-    del tokenized, kept
-    del raw, parts
+    del tokenized, kept, raw, parts
     for scratch in [*out.glob("tokenized*.arrow"), *out.glob("kept*.arrow"), *out.glob("raw-*.arrow")]:
         scratch.unlink()  # map/filter scratch (one per worker) and the streamed records
     (out / PUBLISHED).write_text(json.dumps({"stats": stats.summary(), "config": asdict(cfg)}))
@@ -400,7 +345,7 @@ def _per_source_counts(ds, n_sources: int):
     lengths = ds.data.column("length").to_numpy()
     samples = np.bincount(src, minlength=n_sources)
     tokens = np.bincount(src, weights=lengths, minlength=n_sources)
-    return range(n_sources), [int(x) for x in samples], [int(x) for x in tokens]
+    return [int(x) for x in samples], [int(x) for x in tokens]
 
 
 def lengths_of(ds):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -127,3 +128,56 @@ def _drop_nulls(value):
     if isinstance(value, list):
         return [_drop_nulls(v) for v in value]
     return value
+
+
+FORMATS = ("sharegpt", "openai", "alpaca")
+
+
+# --- sources, training's --data_path entries: `PATH[:WEIGHT][:count=N][:template=NAME][:format=F]` ---------
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # a file, directory or glob
+    weight: float | None = None  # use this multiple of the source's records (0.5: half of them, 2: each twice)
+    count: int | None = None  # or exactly this many records (sampled without repeats up to the source's size)
+    template: str | None = None  # this source's chat template (default: --template)
+    format: str | None = None  # sharegpt | openai | alpaca: records of another format are invalid (default: any)
+
+    def spec(self) -> dict:
+        return asdict(self)
+
+
+_OPTION = re.compile(r"^(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)|(?P<key>weight|count|template|format)=(?P<value>[^:]+))$")
+
+
+def parse_source(spec: str) -> Source:
+    """`data.jsonl`, `data.jsonl:0.5`, `a/*.json:count=1000:template=llama-2:format=sharegpt`. Options are peeled off the end, so
+    a path holding ':' still works when no option follows it."""
+    parts, options = spec.split(":"), {}
+    while len(parts) > 1 and (m := _OPTION.match(parts[-1])):
+        key, value = ("weight", m["weight"]) if m["weight"] is not None else (m["key"], m["value"])
+        if key in options:
+            raise ValueError(f"--data_path {spec}: '{key}' given twice")
+        options[key] = value
+        parts.pop()
+    path = ":".join(parts)
+    try:
+        weight = float(options["weight"]) if "weight" in options else None
+        count = int(options["count"]) if "count" in options else None
+    except ValueError:
+        raise ValueError(f"--data_path {spec}: weight must be a number and count an integer") from None
+    if weight is not None and weight <= 0 or count is not None and count <= 0:
+        raise ValueError(f"--data_path {spec}: weight and count must be > 0")
+    if weight is not None and count is not None:
+        raise ValueError(f"--data_path {spec}: give a weight or a count, not both")
+    fmt = options.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"--data_path {spec}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return Source(path, weight, count, options.get("template"), fmt)
+
+
+def parse_sources(paths) -> list[Source]:
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    return [p if isinstance(p, Source) else parse_source(str(p)) for p in paths]

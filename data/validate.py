@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from data.formats import Row, read_rows
+from data.formats import Row, parse_source, read_rows
 
 ROLE_ALIASES = {
     "human": "user", "user": "user",
@@ -293,8 +293,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(argv)
     opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant)
     try:
-        from data.dataset import parse_source  # training's `PATH:WEIGHT` source specs validate as their paths
-
+        # training's `PATH:WEIGHT` source specs validate as their paths
         _, report = load_conversations([parse_source(p).path for p in args.paths], "skip", opts)
     except DataError as e:  # every record invalid: list them as for any bad record, then the summary line
         for problem in e.problems:

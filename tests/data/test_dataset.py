@@ -244,7 +244,7 @@ def test_two_nodes_each_build_their_node_local_cache(tmp_path):
 
 
 def test_several_sources_mix_by_weight_count_and_template(tokenizers, tmp_path):
-    from data.dataset import parse_source
+    from data.formats import parse_source
 
     def write(name, n, prefix):
         path = tmp_path / name
