@@ -22,14 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROBE = """
-import json, os, resource, sys
-sys.path.insert(0, os.environ["CHATTUNE_ROOT"])
-from train.train import main
-rc = main(sys.argv[2:])
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w").write(json.dumps({"rc": rc, "peak_mb": peak_mb}))
-"""
 WORDS = "the cat sat on a mat while rain fell over old maps and tea".split()
 
 
@@ -44,29 +36,24 @@ def write_conversations(path: Path, n: int) -> None:
 
 
 def tiny_model(out: Path) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from data.tokenizer import load_tokenizer
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import make_tiny_llama
+
     if not (out / "config.json").is_file():
-        tok = load_tokenizer("asset:smollm2")
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(out)
-        tok.save_pretrained(out)
+        make_tiny_llama(out, load_tokenizer("asset:smollm2"))
     return str(out)
 
 
 def peak_per_rank(model: str, data: Path, work: Path, nproc: int) -> list[float]:
+    """Each rank's peak RSS over a 2-step run, measured by bench_memory's torchrun worker."""
+    import os
     import socket
 
     out = work / f"out-{data.stem}"
-    out.mkdir(parents=True, exist_ok=True)
-    probe = work / "probe.py"
-    probe.write_text(PROBE)
+    measures = work / f"rss-{data.stem}"
+    measures.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,13 +61,13 @@ def peak_per_rank(model: str, data: Path, work: Path, nproc: int) -> list[float]
              "max_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "no", "packing": True,
              "model_max_length": 256, "logging_steps": 1}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           str(probe), str(out)] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    env = {**__import__("os").environ, "CHATTUNE_ROOT": str(ROOT), "CHATTUNE_CACHE": str(work / "cache"),
+           str(ROOT / "scripts" / "bench_memory.py"), "--worker"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    env = {**os.environ, "BENCH_MEMORY_OUT": str(measures), "CHATTUNE_CACHE": str(work / "cache"),
            "OMP_NUM_THREADS": "1", "CHATTUNE_NO_PROGRESS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
-    return [json.loads((out / f"rank{r}.json").read_text())["peak_mb"] for r in range(nproc)]
+    return [json.loads((measures / f"rank{r}.json").read_text())["final_mb"] for r in range(nproc)]
 
 
 def plan_figures(n: int, nproc: int) -> tuple[float, bool]:
