@@ -309,9 +309,9 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
     dropped = Counter(r for r in dropped_col if r)
     kept = tokenized.filter(lambda d: d == "", input_columns="dropped", cache_file_name=str(out / "kept.arrow"))
     kept = kept.remove_columns("dropped")
-    lengths = kept.data.column("length").to_numpy()
+    lengths = lengths_of(kept)
     supervised = kept.data.column("num_supervised").to_numpy()
-    for src, n, tok_count in zip(per_source, *_per_source_counts(kept, len(sources))):
+    for src, n, tok_count in zip(per_source, *_per_source_counts(kept, lengths, len(sources))):
         src["samples"], src["tokens"] = n, tok_count
     stats = BuildStats(
         conversations=len(raw), samples=len(kept), tokens=int(lengths.sum()), supervised_tokens=int(supervised.sum()),
@@ -338,11 +338,10 @@ def _raw_batch(records: list[dict], source: int, template: str, schema):
                             [json.dumps(r["messages"]) for r in records]], schema=schema)
 
 
-def _per_source_counts(ds, n_sources: int):
+def _per_source_counts(ds, lengths, n_sources: int):
     import numpy as np
 
     src = ds.data.column("source").to_numpy()
-    lengths = ds.data.column("length").to_numpy()
     samples = np.bincount(src, minlength=n_sources)
     tokens = np.bincount(src, weights=lengths, minlength=n_sources)
     return [int(x) for x in samples], [int(x) for x in tokens]
