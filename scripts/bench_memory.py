@@ -76,7 +76,8 @@ def make_model(out: Path, params: float, tokenizer) -> tuple[str, int]:
     return str(out), vocab * hidden + layers * per_layer + hidden  # tied embeddings counted once
 
 
-def run_case(model: str, backend: str, mode: str, nproc: int, port: int, work: Path) -> dict[int, dict]:
+def run_case(model: str, backend: str, mode: str, nproc: int, port: int, work: Path,
+             extra: list[str] = ()) -> dict[int, dict]:
     out_dir = work / "out"
     measures = work / "rss"
     measures.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def run_case(model: str, backend: str, mode: str, nproc: int, port: int, work: P
         f.unlink()
     args = ["--model_name_or_path", model, "--data_path", str(DEMO), "--output_dir", str(out_dir), "--template", "chatml",
             "--model_max_length", "64", "--per_device_train_batch_size", "1", "--max_steps", "1",
-            "--save_strategy", "no", "--learning_rate", "1e-5", *BACKENDS[backend], *MODES[mode]]
+            "--save_strategy", "no", "--learning_rate", "1e-5", *BACKENDS[backend], *MODES[mode], *extra]
     env = {**os.environ, "BENCH_MEMORY_OUT": str(measures), "CHATTUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            str(Path(__file__).resolve()), "--worker", *args]
@@ -106,6 +107,8 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks (processes)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "chattune-bench-memory"),
                     help="where the random models are kept between runs")
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="train with --gradient_checkpointing True (activations: one layer input per layer)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
 
@@ -121,16 +124,18 @@ def main() -> int:
     if not (tiny / "config.json").is_file():
         make_tiny_llama(tiny, tokenizer)
     size_mb = n_big * 4 / 2**20
-    print(f"big model: {n_big / 1e6:.0f}M parameters, fp32 size S = {size_mb:,.0f} MB; {args.nproc} ranks, gloo, fp32")
+    extra = ["--gradient_checkpointing", "True"] if args.gradient_checkpointing else []
+    print(f"big model: {n_big / 1e6:.0f}M parameters, fp32 size S = {size_mb:,.0f} MB; {args.nproc} ranks, gloo, fp32, "
+          f"gradient checkpointing {'on' if extra else 'off'}")
     rows = []
     port = 29800
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
             for mode in args.modes:
                 port += 1
-                small = run_case(str(tiny), backend, mode, args.nproc, port, Path(tmp) / "tiny")
+                small = run_case(str(tiny), backend, mode, args.nproc, port, Path(tmp) / "tiny", extra)
                 port += 1
-                large = run_case(big, backend, mode, args.nproc, port, Path(tmp) / "big")
+                large = run_case(big, backend, mode, args.nproc, port, Path(tmp) / "big", extra)
                 for rank in sorted(large):
                     growth = large[rank]["step_mb"] - small[rank]["step_mb"]
                     growth_end = large[rank]["final_mb"] - small[rank]["final_mb"]

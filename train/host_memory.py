@@ -25,3 +25,32 @@ def return_large_frees_to_os(threshold_bytes: int = 128 * 1024) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim these pages now; their content is kept (re-read or swapped in on access)
+
+
+def page_out(storage) -> bool:
+    """Ask the kernel to take a tensor storage's whole pages out of this process's resident memory.
+
+    transformers loads safetensors weights as views of the memory-mapped file, so a weight that has
+    been read stays resident (as file pages) until the whole mapping goes, i.e. until the last weight
+    of the file is freed — freeing weights one by one frees nothing. Paging out is never destructive
+    (unlike MADV_DONTNEED): a page that is still in use elsewhere is simply read back. False where the
+    kernel or libc cannot do it."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    ptr, size = storage.data_ptr(), storage.nbytes()
+    start, end = -(-ptr // page) * page, (ptr + size) // page * page  # whole pages only
+    if end <= start or storage.device.type != "cpu":
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(start, end - start, MADV_PAGEOUT) == 0
+    except (OSError, AttributeError):
+        return False

@@ -74,6 +74,9 @@ def test_sharded_load_reads_weights_once_and_gives_single_process_logits(name, f
         torch.testing.assert_close(torch.tensor(r["inv_freq"]), inv_freq, atol=0, rtol=0)
     if name.startswith("fsdp"):  # rank 0 reads the checkpoint once; rank 1 never does
         assert [r["from_pretrained_calls"] for r in ranks] == [1, 0]
+        # tied embeddings stay one weight; LoRA keeps the frozen root whole on every rank, full FT shards it
+        assert all(r["tied"] for r in ranks)
+        assert {r["embedding_type"] for r in ranks} == {"Parameter" if name == "fsdp_lora" else "DTensor"}
     else:  # ZeRO-3: from_pretrained on each rank builds under zero.Init, so every weight is partitioned at once
         assert all(r["partitioned"] > 0 for r in ranks)
 
