@@ -71,8 +71,6 @@ def replicated_frozen_params(model, units: list) -> set:
     return {p for p in model.parameters() if not p.requires_grad and id(p) not in in_units}
 
 
-
-
 def _to_empty_keeping_ties(model, device: torch.device) -> None:
     """`Module.to_empty`, then tie again what was tied: it gives every module its own new Parameter
     for a plain (not sharded) meta weight, so tied embeddings would silently become two weights."""

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import mmap
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
+@functools.cache
+def _libc_function(symbol: str):
+    """A C library function, looked up once (find_library runs ldconfig); None where there is none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), symbol, None) if name else None
+    except OSError:
+        return None
+
+
 def return_large_frees_to_os(threshold_bytes: int = 128 * 1024) -> bool:
     """Fix glibc's mmap threshold (disables its dynamic growth). False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
-    except (OSError, AttributeError):
-        return False
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
 
 
 MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim these pages now; their content is kept (re-read or swapped in on access)
@@ -38,19 +44,13 @@ def page_out(storage) -> bool:
     of the file is freed — freeing weights one by one frees nothing. Paging out is never destructive
     (unlike MADV_DONTNEED): a page that is still in use elsewhere is simply read back. False where the
     kernel or libc cannot do it."""
-    import mmap
-
     page = mmap.PAGESIZE
     ptr, size = storage.data_ptr(), storage.nbytes()
     start, end = -(-ptr // page) * page, (ptr + size) // page * page  # whole pages only
     if end <= start or storage.device.type != "cpu":
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
+    madvise = _libc_function("madvise")
+    if madvise is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc.madvise(start, end - start, MADV_PAGEOUT) == 0
-    except (OSError, AttributeError):
-        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, end - start, MADV_PAGEOUT) == 0
