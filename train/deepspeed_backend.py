@@ -13,6 +13,8 @@ Scale rules (DESIGN.md §3):
   copy (`safe_get_full_fp32_param`), rank 0 keeps it on CPU. This is what makes the LoRA adapter real
   when ZeRO-3 keeps parameters partitioned (`stage3_param_persistence_threshold`), and what makes
   `--save_dtype fp32` really fp32.
+- On gloo (CPU), ZeRO's all-gathers write into their output in place (train/gloo_allgather.py): gloo's
+  own stages a copy of the whole output, which at the tied embedding was 0.2 × the model per rank.
 - LoRA checkpoints leave the frozen base out (`exclude_frozen_parameters`).
 
 Gradient accumulation stays ours: every micro-batch calls `engine.backward(loss, scale_wrt_gas=False)`
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from train import gloo_allgather
 from train.backends import Backend
 from train.distributed import DistInfo
 from train.sharding_config import zero_stage
@@ -52,12 +55,13 @@ class DeepSpeedBackend(Backend):
         return zero_stage(self.ds_config)
 
     def build_model(self, build):
+        import deepspeed
+
+        deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm layer
+        gloo_allgather.use_for_deepspeed()  # gloo's own all-gather stages the whole output in a copy
         # a 4-bit base cannot be built under zero.Init: each rank loads its own quantized copy (~S/8)
         if self.stage == 3 and not self.quantized:
-            import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
-
-            deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm layer
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # from_pretrained now builds under zero.Init
         return build("device")

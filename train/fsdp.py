@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from train import gloo_allgather
 from train.backends import Backend
 from train.distributed import DistInfo
 from train.host_memory import page_out
@@ -143,6 +144,7 @@ class FSDPBackend(Backend):
         for unit in units:
             fully_shard(unit, **kwargs)
         fully_shard(model, ignored_params=replicated_frozen_params(model, units) or None, **kwargs)
+        gloo_allgather.use_for_fsdp(model)  # gloo's own all-gather stages the whole output in a copy
         if not self.quantized:
             self._fill_shards_from_rank0(model)
         return model
