@@ -41,6 +41,8 @@ def all_gather_into_tensor(output_tensor: torch.Tensor, input_tensor: torch.Tens
     if not output_tensor.is_contiguous() or output_tensor.numel() != world * input_tensor.numel():
         raise ValueError(f"all_gather_into_tensor: output of {output_tensor.numel()} elements (contiguous: "
                          f"{output_tensor.is_contiguous()}) cannot hold {world} inputs of {input_tensor.numel()}")
+    if input_tensor.numel() == 0:  # nothing to gather (split(0) would not give one slice per rank)
+        return _Works([]) if async_op else None
     slices = output_tensor.view(-1).split(input_tensor.numel())
     mine = slices[dist.get_rank(group)]
     if mine.data_ptr() != input_tensor.data_ptr():  # ZeRO often passes a view of its own slice

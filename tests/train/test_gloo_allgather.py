@@ -48,6 +48,8 @@ def _worker(rank: int, port: int, results) -> None:
         mine.fill_(rank + 1)
         assert gloo_allgather.all_gather_into_tensor(flat, mine) is None
         checks["aliased input"] = flat.tolist() == [1.0] * 4 + [2.0] * 4
+        empty = gloo_allgather.all_gather_into_tensor(torch.empty(0), torch.empty(0), async_op=True)
+        checks["empty gather"] = empty.wait() and empty.is_completed()
         try:
             gloo_allgather.all_gather_into_tensor(torch.empty(7), torch.empty(4))
             checks["size error"] = False
