@@ -101,6 +101,15 @@ def losses(out: Path) -> dict[int, float]:
 
 
 
+def proc_status_mb(field: str) -> float:
+    """One of this process's /proc/self/status memory fields (VmHWM, VmRSS, RssFile, ...) in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
 # --- the OpenAI-compatible server as a subprocess -------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

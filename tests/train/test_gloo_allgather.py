@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import free_port
+from helpers import free_port, proc_status_mb
 
 from train import gloo_allgather
 
@@ -17,15 +17,11 @@ MB = 2**20
 
 def _peak_growth_mb(fn) -> float:
     """VmHWM growth over `fn()` (Linux: writing 5 to clear_refs resets the high-water mark to now)."""
-    def hwm() -> float:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = hwm()
+    before = proc_status_mb("VmHWM")
     fn()
-    return hwm() - before
+    return proc_status_mb("VmHWM") - before
 
 
 def _worker(rank: int, port: int, results) -> None:

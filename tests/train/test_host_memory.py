@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from helpers import proc_status_mb
+
 CODE = """
 import sys, torch
 from train.host_memory import return_large_frees_to_os
@@ -33,13 +35,6 @@ def test_large_frees_return_to_the_os():
     assert _retained_mb("default") > 100  # what the fix is for: glibc keeps them otherwise
 
 
-def _rss_file_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssFile"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no RssFile in /proc/self/status")
-
-
 def test_page_out_drops_a_read_memory_mapped_weight_from_resident_memory_and_keeps_its_values(tmp_path):
     """transformers loads safetensors weights as views of the mapped file: read, they stay resident
     until the last weight of the file is freed, unless paged out."""
@@ -55,9 +50,9 @@ def test_page_out_drops_a_read_memory_mapped_weight_from_resident_memory_and_kee
     expected = {k: v.clone() for k, v in LlamaForCausalLM.from_pretrained(tmp_path).state_dict().items()}
     model = LlamaForCausalLM.from_pretrained(tmp_path)
     weight = model.get_input_embeddings().weight
-    before = _rss_file_mb()
+    before = proc_status_mb("RssFile")
     assert float(weight.detach().sum()) == float(expected["model.embed_tokens.weight"].sum())  # pages it in
-    assert _rss_file_mb() - before > 25
+    assert proc_status_mb("RssFile") - before > 25
     assert page_out(weight.untyped_storage())
-    assert _rss_file_mb() - before < 5
+    assert proc_status_mb("RssFile") - before < 5
     torch.testing.assert_close(weight.detach(), expected["model.embed_tokens.weight"], rtol=0, atol=0)  # read back
