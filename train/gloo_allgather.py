@@ -18,6 +18,10 @@ import torch
 import torch.distributed as dist
 
 
+def _is_gloo() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "gloo"
+
+
 class _Works:
     """The broadcasts of one gather, waited on together (what DeepSpeed's gather handles call)."""
 
@@ -67,10 +71,6 @@ def use_for_deepspeed() -> bool:
         return False
     backend.all_gather_function = all_gather_into_tensor
     return True
-
-
-def _is_gloo() -> bool:
-    return dist.is_initialized() and dist.get_backend() == "gloo"
 
 
 class FSDPAllGather:

@@ -18,13 +18,16 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 @functools.cache
-def _libc_function(symbol: str):
-    """A C library function, looked up once (find_library runs ldconfig); None where there is none."""
+def _libc_function(symbol: str, argtypes: tuple | None = None):
+    """A C library function, looked up (find_library runs ldconfig) and typed once; None where there is none."""
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), symbol, None) if name else None
+        function = getattr(ctypes.CDLL(name), symbol, None) if name else None
     except OSError:
         return None
+    if function is not None and argtypes is not None:
+        function.argtypes = list(argtypes)
+    return function
 
 
 def return_large_frees_to_os(threshold_bytes: int = 128 * 1024) -> bool:
@@ -49,8 +52,7 @@ def page_out(storage) -> bool:
     start, end = -(-ptr // page) * page, (ptr + size) // page * page  # whole pages only
     if end <= start or storage.device.type != "cpu":
         return False
-    madvise = _libc_function("madvise")
+    madvise = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     if madvise is None:
         return False
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return madvise(start, end - start, MADV_PAGEOUT) == 0
