@@ -16,6 +16,9 @@ Scale rules (DESIGN.md §3):
 - On gloo (CPU), ZeRO's all-gathers write into their output in place (train/gloo_allgather.py): gloo's
   own stages a copy of the whole output, which at the tied embedding was 0.2 × the model per rank.
 - LoRA checkpoints leave the frozen base out (`exclude_frozen_parameters`).
+- ZeRO-3 LoRA keeps the frozen weights outside the decoder layers (embeddings, final norm, LM head)
+  whole on every rank, as FSDP2 does (train/layers.py): partitioned, the tied embedding was gathered
+  whole at the embedding, at the LM head and again in backward, on top of its partition.
 
 Gradient accumulation stays ours: every micro-batch calls `engine.backward(loss, scale_wrt_gas=False)`
 (our loss is already divided by the step's global supervised-token count). The engine's step clips,
@@ -31,8 +34,9 @@ import torch
 
 from train import gloo_allgather
 from train.backends import Backend
-from train.distributed import DistInfo
-from train.sharding_config import zero_stage
+from train.distributed import DistInfo, print0
+from train.layers import decoder_layer_classes, replicated_frozen_params
+from train.sharding_config import FSDPConfigError, zero_stage
 
 
 class DeepSpeedBackend(Backend):
@@ -69,6 +73,8 @@ class DeepSpeedBackend(Backend):
     def setup(self, model, make_optimizer):
         import deepspeed
 
+        if self.stage == 3:
+            self._replicate_frozen_root(model)
         optimizer = None if "optimizer" in self.ds_config else make_optimizer(model)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
@@ -77,6 +83,38 @@ class DeepSpeedBackend(Backend):
         # The recipe's LR scheduler drives the torch optimizer inside DeepSpeed's ZeRO wrapper (whose
         # param_groups are that optimizer's); the engine itself performs the steps.
         return engine, getattr(ds_optimizer, "optimizer", ds_optimizer)
+
+    @torch.no_grad()
+    def _replicate_frozen_root(self, model) -> None:
+        """ZeRO-3: the frozen weights outside the decoder layers (train/layers.py) become whole tensors on
+        every rank, out of ZeRO's reach: non-persistent buffers, so the engine neither partitions them
+        again nor puts them in LoRA checkpoints (the export gathers trainable weights only)."""
+        import deepspeed
+
+        try:
+            classes = decoder_layer_classes(model, ())
+        except FSDPConfigError:  # no detectable decoder layers: everything stays partitioned
+            return
+        frozen = {id(p) for p in replicated_frozen_params(model, [m for m in model.modules() if isinstance(m, classes)])}
+        owners = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
+                  if p is not None and id(p) in frozen]
+        whole: dict[int, torch.Tensor] = {}
+        for _, _, param in owners:
+            if id(param) in whole:  # tied: one tensor for all its modules
+                continue
+            if hasattr(param, "ds_id"):  # built under zero.Init (a 4-bit base is not)
+                with deepspeed.zero.GatheredParameters([param]):
+                    whole[id(param)] = param.data  # the gathered tensor itself: ZeRO drops only its reference
+                param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype)  # this rank's partition
+            else:
+                whole[id(param)] = param.data
+        for module, name, param in owners:
+            del module._parameters[name]
+            module.register_buffer(name, whole[id(param)], persistent=False)
+        if whole:
+            mb = sum(t.numel() * t.element_size() for t in whole.values()) / 2**20
+            print0(f"[deepspeed] ZeRO-3: {len(whole)} frozen tensor(s) outside the decoder layers ({mb:,.0f} MB) "
+                   "kept whole on every rank")
 
     def unwrap(self, model):
         return model.module if hasattr(model, "module") else model

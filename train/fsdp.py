@@ -42,34 +42,9 @@ from train import gloo_allgather
 from train.backends import Backend
 from train.distributed import DistInfo
 from train.host_memory import page_out
+from train.layers import decoder_layer_classes, replicated_frozen_params
 from train.precision import Precision
-from train.sharding_config import FSDPConfigError, FSDPSettings
-
-
-def decoder_layer_classes(model, names: tuple[str, ...]) -> tuple[type, ...]:
-    """Module classes to shard individually: the named ones, else the model's `_no_split_modules`."""
-    wanted = set(names) or set(getattr(model, "_no_split_modules", None) or [])
-    if not wanted:
-        wanted = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
-    found = {type(m) for m in model.modules() if type(m).__name__ in wanted}
-    missing = wanted - {c.__name__ for c in found}
-    if names and missing:
-        raise FSDPConfigError(f"--fsdp_transformer_layer_cls_to_wrap: no module of class {sorted(missing)} in the model "
-                              f"(decoder layers here: {sorted({type(m).__name__ for m in model.modules() if 'Layer' in type(m).__name__})})")
-    if not found:
-        raise FSDPConfigError("cannot detect the decoder layer class; pass --fsdp_transformer_layer_cls_to_wrap")
-    return tuple(found)
-
-
-def replicated_frozen_params(model, units: list) -> set:
-    """Frozen parameters outside the per-layer units (a LoRA run's embeddings, final norm, LM head):
-    kept whole on every rank instead of sharded into the root unit. FSDP2 never reshards the root
-    after forward, so its parameters are whole from the first forward to the end of backward anyway;
-    sharding them only adds the shard and the all-gather buffers (2× the unit) to that peak — on a
-    500M model with a 49k vocabulary, 0.2 × the model size on every rank. Frozen, they need no
-    gradient reduction and no optimizer state."""
-    in_units = {id(p) for unit in units for p in unit.parameters()}
-    return {p for p in model.parameters() if not p.requires_grad and id(p) not in in_units}
+from train.sharding_config import FSDPSettings
 
 
 def _to_empty_keeping_ties(model, device: torch.device) -> None:

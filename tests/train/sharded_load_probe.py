@@ -44,7 +44,7 @@ def main(out: str, argv: list[str]) -> None:
         inv_freq = [b for n, b in module.named_buffers() if n.endswith("inv_freq")][0]
         embed, head = module.get_input_embeddings().weight, module.get_output_embeddings().weight
         record = {"rank": info.rank, "from_pretrained_calls": len(loads), "partitioned": len(partitioned),
-                  "tied": embed is head, "embedding_type": type(embed).__name__,
+                  "tied": embed is head, "embedding_type": type(embed).__name__, "embedding_numel": embed.numel(),
                   "logits": logits.float().tolist(), "inv_freq": inv_freq.float().tolist()}
         with open(f"{out}.rank{info.rank}", "w") as f:
             json.dump(record, f)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from train.fsdp import _SourceTensors, _to_empty_keeping_ties, replicated_frozen_params
+from train.fsdp import _SourceTensors, _to_empty_keeping_ties
 
 
 def _tied_model(path: str, device: str = "cpu"):
@@ -44,13 +44,3 @@ def test_source_tensors_frees_each_weight_after_its_last_use(tiny_llama):
             torch.testing.assert_close(full, expected[key], rtol=0, atol=0)
     assert all(p.numel() == 0 for p in model.parameters())
     assert all(b.numel() > 0 for b in model.buffers())  # buffers are broadcast afterwards
-
-
-def test_only_frozen_parameters_outside_the_layer_units_are_replicated(tiny_llama):
-    model = _tied_model(tiny_llama)
-    units = list(model.model.layers)
-    assert replicated_frozen_params(model, units) == set()  # full fine-tune: everything is sharded
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
-    assert replicated_frozen_params(model, units) == {model.model.embed_tokens.weight, model.model.norm.weight}

@@ -79,6 +79,12 @@ def test_sharded_load_reads_weights_once_and_gives_single_process_logits(name, f
         assert {r["embedding_type"] for r in ranks} == {"Parameter" if name == "fsdp_lora" else "DTensor"}
     else:  # ZeRO-3: from_pretrained on each rank builds under zero.Init, so every weight is partitioned at once
         assert all(r["partitioned"] > 0 for r in ranks)
+        # then LoRA's frozen root leaves ZeRO: one whole tied tensor on every rank (a buffer, not a ZeRO parameter)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(tiny_llama)
+        assert all(r["tied"] and r["embedding_type"] == "Tensor" for r in ranks)
+        assert all(r["embedding_numel"] == config.vocab_size * config.hidden_size for r in ranks)
 
 
 @pytest.fixture(scope="module")
