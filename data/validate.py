@@ -2,9 +2,10 @@
 
     python -m data.validate PATH...   # exit 0 if clean, else 1 and `PATH:LINE: problem (record id)` lines
 
-Normalized record (DESIGN.md §2): {"id", "messages": [{"role": system|user|assistant, "content", "train"?}]}
-with an optional leading system message followed by user/assistant turns that alternate, starting with
-the user and containing at least one assistant reply. Each rule broken is reported with the file,
+Normalized record (DESIGN.md §2): {"id", "messages": [{"role": system|user|assistant|tool, "content", "train"?}],
+"tools"?} with an optional leading system message followed by user/assistant turns that alternate, starting with
+the user and containing at least one assistant reply; an assistant turn may carry `tool_calls` and `reasoning`,
+answered by `tool` messages (data/toolcalls.py). Each rule broken is reported with the file,
 line (jsonl) or index (json/parquet), record id and the rule; nothing is dropped silently.
 """
 
@@ -19,14 +20,25 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from data.formats import Row, parse_source, read_rows
+from data.toolcalls import (
+    Bad,
+    check_tool_flow,
+    parse_tool_calls,
+    parse_tools,
+    sharegpt_calls,
+    split_inline_think,
+)
 
 ROLE_ALIASES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
     "system": "system",
+    "function_call": "function_call", "observation": "tool", "tool": "tool",  # LLaMA-Factory's tool turns
 }
 SHAREGPT_TURN_KEYS = {"from", "value", "train"}
-OPENAI_MESSAGE_KEYS = {"role", "content", "train", "name"}
+OPENAI_MESSAGE_KEYS = {"role", "content", "train", "name", "tool_calls", "tool_call_id", "reasoning_content",
+                       "reasoning", "function_call"}
+REASONING_KEYS = ("reasoning_content", "reasoning")
 ON_BAD_RECORD = ("error", "skip")
 
 
@@ -60,6 +72,7 @@ class ValidationOptions:
     merge_consecutive: bool = False  # join two consecutive same-role turns with a blank line
     drop_leading_assistant: bool = False  # drop assistant turns before the first user turn (FastChat does)
     expect_format: str | None = None  # sharegpt | openai | alpaca: records of another format are invalid
+    allow_undeclared_tools: bool = False  # accept calls to functions the record's `tools` does not declare
 
 
 @dataclass
@@ -89,9 +102,7 @@ class LoadReport:
         }
 
 
-class _Bad(Exception):
-    def __init__(self, rule: str, message: str):
-        self.rule, self.message = rule, message
+_Bad = Bad  # one exception type for every rule (data/toolcalls.py raises it too)
 
 
 def _content(value, where: str) -> str:
@@ -117,6 +128,7 @@ def _messages_from_sharegpt(rec: dict) -> list[dict]:
     system = rec.get("system")
     if system is not None and not (isinstance(system, str) and system == ""):
         out.append({"role": "system", "content": _content(system, "'system'")})
+    pending: list[dict] = []  # function_call turns' calls not yet answered by an observation
     for i, turn in enumerate(turns):
         where = f"turn {i}"
         if not isinstance(turn, dict):
@@ -130,11 +142,62 @@ def _messages_from_sharegpt(rec: dict) -> list[dict]:
         role = ROLE_ALIASES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise _Bad("unknown-role", f"{where}: unknown role {turn['from']!r} (expected one of {', '.join(ROLE_ALIASES)})")
-        msg = {"role": role, "content": _content(turn["value"], where)}
-        if (flag := _train_flag(turn, where)) is not None:
+        value = _content(turn["value"], where)
+        flag = _train_flag(turn, where)
+        if role == "function_call":  # the assistant's calls: appended to its reply just before, if any
+            calls = sharegpt_calls(value, where, f"call_{i}")
+            if out and out[-1]["role"] == "assistant" and "tool_calls" not in out[-1] and flag == out[-1].get("train"):
+                out[-1]["tool_calls"] = calls
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": calls, **({"train": flag} if flag is not None else {})})
+            pending = list(calls)
+            continue
+        if role == "tool":
+            if flag is not None:
+                raise _Bad("bad-field", f"{where}: a tool result is never trained on; remove 'train'")
+            out += _observation(value, pending, where)
+            pending = []
+            continue
+        msg = _assistant(value, where) if role == "assistant" else {"role": role, "content": value}
+        if flag is not None:
             msg["train"] = flag
         out.append(msg)
+    if "tools" in rec:
+        rec["_tools"] = parse_tools(rec["tools"])
     return out
+
+
+def _observation(value: str, pending: list[dict], where: str) -> list[dict]:
+    """An observation answers the function_call turn before it; for parallel calls, a JSON list of as many
+    results gives one tool message each."""
+    if len(pending) > 1:
+        try:
+            parts = json.loads(value)
+        except json.JSONDecodeError:
+            parts = None
+        if isinstance(parts, list) and len(parts) == len(pending):
+            return [{"role": "tool", "content": p if isinstance(p, str) else json.dumps(p, ensure_ascii=False),
+                     "tool_call_id": c["id"]} for p, c in zip(parts, pending)]
+    msg = {"role": "tool", "content": value}
+    if pending:
+        msg["tool_call_id"] = pending[0]["id"]
+    return [msg]
+
+
+def _assistant(content: str, where: str, reasoning=None) -> dict:
+    """An assistant message; reasoning from a field, or inline as a leading `<think>…</think>`."""
+    inline, rest = split_inline_think(content)
+    if inline is not None or rest != content:
+        if reasoning is not None:
+            raise _Bad("bad-reasoning", f"{where}: reasoning given both in a field and inline as <think>")
+        reasoning, content = inline, rest
+    msg = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise _Bad("bad-reasoning", f"{where}: reasoning must be a string, got {type(reasoning).__name__}")
+        if reasoning.strip("\n").strip():
+            msg["reasoning"] = reasoning.strip("\n")
+    return msg
 
 
 def _messages_from_openai(rec: dict) -> list[dict]:
@@ -146,19 +209,52 @@ def _messages_from_openai(rec: dict) -> list[dict]:
         where = f"message {i}"
         if not isinstance(m, dict):
             raise _Bad("not-object", f"{where}: must be an object, got {type(m).__name__}")
-        missing = [k for k in ("role", "content") if k not in m]
-        if missing:
-            raise _Bad("missing-field", f"{where}: missing {', '.join(repr(k) for k in missing)}")
+        if "role" not in m:
+            raise _Bad("missing-field", f"{where}: missing 'role'")
         unknown = sorted(set(m) - OPENAI_MESSAGE_KEYS)
         if unknown:
             raise _Bad("unknown-field", f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
-        role = m["role"] if m["role"] in ("system", "user", "assistant") else None
+        role = m["role"] if m["role"] in ("system", "user", "assistant", "tool") else None
         if role is None:
-            raise _Bad("unknown-role", f"{where}: unknown role {m['role']!r} (expected system, user or assistant)")
-        msg = {"role": role, "content": _content(m["content"], where)}
-        if (flag := _train_flag(m, where)) is not None:
+            raise _Bad("unknown-role", f"{where}: unknown role {m['role']!r} (expected system, user, assistant or tool)")
+        reasoning_keys = [k for k in REASONING_KEYS if m.get(k) is not None]
+        if reasoning_keys and role != "assistant":
+            raise _Bad("bad-reasoning", f"{where}: {reasoning_keys[0]!r} on a {role} message (only the assistant reasons)")
+        if role != "assistant" and (m.get("tool_calls") or m.get("function_call")):
+            raise _Bad("bad-tool-call", f"{where}: tool calls on a {role} message (only the assistant calls tools)")
+        if role != "tool" and "tool_call_id" in m:
+            raise _Bad("bad-field", f"{where}: 'tool_call_id' belongs on a tool message")
+        flag = _train_flag(m, where)
+        if role == "assistant":
+            calls = m.get("tool_calls") or ([{"function": m["function_call"]}] if m.get("function_call") else None)
+            content = m.get("content")
+            if calls and (content is None or content == ""):
+                msg = {"role": "assistant", "content": ""}
+                if reasoning_keys:
+                    msg.update(_assistant("", where, m[reasoning_keys[0]]))
+            else:
+                if "content" not in m:
+                    raise _Bad("missing-field", f"{where}: missing 'content'")
+                msg = _assistant(_content(content, where), where, m[reasoning_keys[0]] if reasoning_keys else None)
+            if calls:
+                msg["tool_calls"] = parse_tool_calls(calls, where, f"call_{i}")
+        else:
+            if "content" not in m:
+                raise _Bad("missing-field", f"{where}: missing 'content'")
+            msg = {"role": role, "content": _content(m["content"], where)}
+            if role == "tool":
+                if flag is not None:
+                    raise _Bad("bad-field", f"{where}: a tool result is never trained on; remove 'train'")
+                for key in ("tool_call_id", "name"):
+                    if m.get(key) is not None:
+                        if not isinstance(m[key], str):
+                            raise _Bad("bad-field", f"{where}: {key!r} must be a string")
+                        msg[key] = m[key]
+        if flag is not None:
             msg["train"] = flag
         out.append(msg)
+    if "tools" in rec:
+        rec["_tools"] = parse_tools(rec["tools"])
     return out
 
 
@@ -191,7 +287,15 @@ def _check_order(msgs: list[dict], opts: ValidationOptions, fixes: Counter) -> l
             fixes["dropped leading assistant turn"] += 1
     merged: list[dict] = []
     for j, m in enumerate(body):
-        if merged and merged[-1]["role"] == m["role"]:
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise _Bad("bad-content", f"message {start + j}: the reply is empty after its <think> block")
+        after_tool = m["role"] == "tool" or (merged and merged[-1]["role"] == "tool")
+        if m["role"] == "tool" and not (merged and (merged[-1]["role"] == "tool" or merged[-1].get("tool_calls"))):
+            raise _Bad("orphan-tool-result", f"message {start + j}: a tool result with no tool call before it")
+        if merged and merged[-1]["role"] == m["role"] and not after_tool:
+            if "tool_calls" in m or "tool_calls" in merged[-1] or "reasoning" in m:
+                raise _Bad("consecutive-roles", f"message {start + j}: two consecutive assistant turns with tool "
+                           "calls or reasoning cannot be merged")
             if not opts.merge_consecutive:
                 raise _Bad("consecutive-roles", f"message {start + j}: two consecutive {m['role']} turns "
                            "(use --merge_consecutive to join them)")
@@ -204,6 +308,9 @@ def _check_order(msgs: list[dict], opts: ValidationOptions, fixes: Counter) -> l
             merged.append(dict(m))
     if not any(m["role"] == "assistant" for m in merged):
         raise _Bad("no-assistant", "no assistant reply to learn from")
+    for j, m in enumerate(merged[:-1]):  # a call must be answered before the conversation moves on
+        if m.get("tool_calls") and merged[j + 1]["role"] != "tool":
+            raise _Bad("unanswered-tool-call", f"message {start + j}: tool call(s) with no tool result after them")
     return msgs[:start] + merged
 
 
@@ -230,12 +337,22 @@ def normalize_row(row: Row, opts: ValidationOptions | None = None, fixes: Counte
             raise _Bad("wrong-format", f"a {found_format} record in a source declared format={opts.expect_format}")
         convert = {"conversations": _messages_from_sharegpt, "messages": _messages_from_openai,
                    "instruction": _messages_from_alpaca}[kinds[0]]
+        if "tools" in rec and kinds[0] == "instruction":
+            raise _Bad("unknown-field", "an Alpaca record cannot declare 'tools'")
         local = Counter()
+        rec = dict(rec)
         msgs = _check_order(convert(rec), opts, local)
+        tools = rec.get("_tools")
+        if any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
+            names = {t["function"]["name"] for t in tools} if tools else None
+            check_tool_flow(msgs, names, opts.allow_undeclared_tools)
     except _Bad as bad:
         return None, Problem(row.path, row.loc, rid, bad.rule, bad.message)
     fixes.update(local)
-    return {"id": rid if rid is not None else f"{os.path.basename(row.path)}:{row.loc}", "messages": msgs}, None
+    out = {"id": rid if rid is not None else f"{os.path.basename(row.path)}:{row.loc}", "messages": msgs}
+    if tools:
+        out["tools"] = tools
+    return out, None
 
 
 def iter_conversations(paths, on_bad_record: str = "error", opts: ValidationOptions | None = None,
@@ -290,8 +407,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help=".json/.jsonl/.parquet files, directories or globs")
     parser.add_argument("--merge_consecutive", action="store_true", help="accept consecutive same-role turns (merged)")
     parser.add_argument("--drop_leading_assistant", action="store_true", help="accept leading assistant turns (dropped)")
+    parser.add_argument("--allow_undeclared_tools", action="store_true",
+                        help="accept calls to functions the record's 'tools' does not declare")
     args = parser.parse_args(argv)
-    opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant)
+    opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant,
+                             allow_undeclared_tools=args.allow_undeclared_tools)
     try:
         # training's `PATH:WEIGHT` source specs validate as their paths
         _, report = load_conversations([parse_source(p).path for p in args.paths], "skip", opts)
