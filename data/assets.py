@@ -45,6 +45,17 @@ ASSETS: dict[str, Asset] = {
         )
         for short in ("llama-spm", "llama-bpe", "qwen2", "phi-3", "gpt-2")
     },
+    # published chat templates (llama.cpp vendors them from the model repos): the reference renderings of the
+    # tool-calling and reasoning templates (tests only; never copied into the code)
+    **{
+        f"template:{short}": Asset(
+            f"template:{short}", f"templates/{name}.jinja", "llama-cpp-python==0.3.36",
+            f"vendor/llama.cpp/models/templates/{name}.jinja", sdist=True,
+        )
+        for short, name in (("qwen2.5", "Qwen-Qwen2.5-7B-Instruct"), ("qwen3", "Qwen-Qwen3-0.6B"),
+                            ("llama-3.1", "meta-llama-Llama-3.1-8B-Instruct"), ("qwq", "Qwen-QwQ-32B"),
+                            ("deepseek-r1", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"))
+    },
 }
 
 
@@ -139,7 +150,7 @@ def fetch_assets(names: list[str] | None = None, quiet: bool = False) -> dict[st
     """Fetch the named assets (default: all) into the cache dir. Idempotent: present files are kept."""
     names = list(ASSETS) if names is None else names
     root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    (root / "templates").mkdir(parents=True, exist_ok=True)
     todo: dict[str, list[Asset]] = {}
     for name in names:
         asset = ASSETS[name]

@@ -1,36 +1,24 @@
 """Chat templates that render a conversation as *pieces* whose ownership is known by construction.
 
 A template never produces one opaque string that is later searched for role words (FastChat's
-`tokenization mismatch` bug). It produces a list of `Piece`s: template text, a message's content,
-or a message's end-of-turn text. Tokenization (data/tokenize.py) turns pieces into ids and decides
-supervision from the piece kinds, so which tokens carry loss follows from how the prompt was built.
+`tokenization mismatch` bug). It produces a list of `Piece`s (data/pieces.py): template text, a message's
+content, its reasoning, its tool-call text or its end-of-turn text. Tokenization (data/tokenize.py) turns pieces
+into ids and decides supervision from the piece kinds, so which tokens carry loss follows from how the prompt was
+built.
 
 Built-ins render exactly the prompt strings FastChat 0.2.36 renders for the same names (tested against
 `fastchat.conversation`), except that `llama-2`'s dangling `<s>` after the final reply is dropped.
-`chatml` is Qwen-style and `llama-3` is Meta's format. `tokenizer` uses the tokenizer's own Jinja
-`chat_template`, split into pieces by rendering growing prefixes of the conversation.
+`chatml` is Qwen-style and `llama-3` is Meta's format. `qwen2.5`, `qwen3` and `llama-3.1` (tool calls and
+reasoning) render what those families' published Jinja templates render (data/agent_templates.py). `tokenizer`
+uses the tokenizer's own Jinja `chat_template`, with `tools=` and reasoning fields, split into pieces by
+rendering it a second time with a placeholder in place of every piece of data (data/jinja_pieces.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
 
-PieceKind = Literal["template", "content", "eot"]
-HEADER = -1  # message index of template text that belongs to no message (BOS, default system prompt)
-
-
-class Piece(NamedTuple):  # a NamedTuple: created ~10 times per conversation, so cheap construction matters
-    text: str
-    msg: int  # index into the messages list, or HEADER
-    kind: PieceKind  # "content": the message text (never parsed for special tokens);
-    # "eot": end-of-turn text, supervised together with its message; "template": never supervised
-    # (except with mask="all")
-
-
-class TemplateError(ValueError):
-    """A conversation cannot be rendered with the chosen template."""
-
+from data.pieces import HEADER, PLAIN_KINDS, Piece, PieceKind, TemplateError  # noqa: F401  (re-exported)
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -145,9 +133,32 @@ def _llama3(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
     return pieces
 
 
-RenderFn = Callable[[list[dict], bool], list[Piece]]
+RenderFn = Callable[..., list[Piece]]  # (messages, add_generation_prompt, tools=None, thinking=None)
 
-BUILTIN_TEMPLATES: dict[str, RenderFn] = {
+
+def _chat_only(name: str, render) -> RenderFn:
+    """A 2023-style template: no tool-call format (a record with calls or results is refused, naming the
+    templates that have one); reasoning is written into the reply as a leading think block."""
+
+    def wrapped(messages: list[dict], add_generation_prompt: bool, tools=None, thinking=None) -> list[Piece]:
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            raise TemplateError(f"template {name!r} has no tool-call format; use qwen2.5, qwen3, llama-3.1 or "
+                                "tokenizer (the model's own template) for records with tools")
+        pieces = render(messages, add_generation_prompt)
+        if not any(m.get("reasoning") for m in messages):
+            return pieces
+        out = []
+        for p in pieces:
+            m = messages[p.msg] if p.kind == "content" and p.msg != HEADER else None
+            out += agent_templates.inline_reasoning(m, p.msg, p.text) if m and m["role"] == "assistant" else [p]
+        return out
+
+    return wrapped
+
+
+from data import agent_templates  # noqa: E402  (it builds on the piece types above)
+
+_CHAT_TEMPLATES = {
     "vicuna_v1.1": _colon_two(("USER", "ASSISTANT"), " ", "</s>", VICUNA_SYSTEM),
     "alpaca": _colon_two(("### Instruction", "### Response"), "\n\n", "</s>", ALPACA_SYSTEM),
     "llama-2": _llama2_style("[INST] <<SYS>>\n{system_message}\n<</SYS>>\n\n", " </s>", "<s>"),
@@ -156,105 +167,46 @@ BUILTIN_TEMPLATES: dict[str, RenderFn] = {
     "chatml": _chatml,
     "llama-3": _llama3,
 }
+BUILTIN_TEMPLATES: dict[str, RenderFn] = {
+    **{name: _chat_only(name, fn) for name, fn in _CHAT_TEMPLATES.items()},
+    "qwen2.5": agent_templates.qwen25,
+    "qwen3": agent_templates.qwen3,
+    "llama-3.1": agent_templates.llama31,
+}
+# Built-ins whose rendering of a conversation only ever appends to its rendering of any prefix of it, so one
+# sample trains every turn in its inference context. qwen3 drops earlier turns' reasoning (data/samples.py).
+PREFIX_STABLE = frozenset(BUILTIN_TEMPLATES) - {"qwen3"}
 
 # Stop strings a generator should honour for each template (the end-of-turn text).
 END_OF_TURN: dict[str, list[str]] = {
     "vicuna_v1.1": ["</s>"], "alpaca": ["</s>"], "llama-2": ["</s>"], "mistral": ["</s>"],
     "zephyr": ["</s>"], "chatml": ["<|im_end|>"], "llama-3": ["<|eot_id|>"],
+    "qwen2.5": ["<|im_end|>"], "qwen3": ["<|im_end|>"], "llama-3.1": ["<|eot_id|>", "<|eom_id|>"],
 }
 
 TEMPLATE_NAMES = [*BUILTIN_TEMPLATES, "tokenizer"]
 
 
-def render_pieces(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False) -> list[Piece]:
-    """Render normalized messages (see data/validate.py) into pieces. Pure function."""
+def render_pieces(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False,
+                  tools: list[dict] | None = None, thinking: bool | None = None) -> list[Piece]:
+    """Render normalized messages (see data/validate.py), with the record's `tools`, into pieces. Pure function.
+    `thinking`: the generation prompt's `enable_thinking` (None: the template's default)."""
     if template == "tokenizer":
         if tokenizer is None:
             raise TemplateError("template 'tokenizer' needs a tokenizer")
-        return _jinja_pieces(messages, tokenizer, add_generation_prompt)
+        from data.jinja_pieces import jinja_pieces
+
+        return jinja_pieces(messages, tokenizer, add_generation_prompt, tools, thinking)
     try:
         render = BUILTIN_TEMPLATES[template]
     except KeyError:
         raise TemplateError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_NAMES)}") from None
-    return [p for p in render(messages, add_generation_prompt) if p.text]
+    return [p for p in render(messages, add_generation_prompt, tools, thinking) if p.text]
 
 
-def render_text(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False) -> str:
-    return "".join(p.text for p in render_pieces(messages, template, tokenizer, add_generation_prompt))
-
-
-# --- the tokenizer's own Jinja chat_template -------------------------------------------------------
-
-
-def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja raises many types (TemplateError, exceptions from raise_exception())
-        raise TemplateError(f"the tokenizer's chat_template failed to render: {e}") from e
-
-
-_PLACEHOLDER = "\u2063CHATTUNE-CONTENT-3f9a\u2063"
-
-
-def _jinja_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) -> list[Piece]:
-    """Split a Jinja template's output into pieces by rendering growing prefixes of the conversation.
-
-    Each message's text is the difference between the render of messages[:i+1] and of messages[:i].
-    The template must be prefix-stable (rendering more messages only appends); templates that rewrite
-    earlier turns are rejected. The content is located inside its own message's delta only.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("template 'tokenizer' was chosen but the tokenizer has no chat_template")
-    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    pieces: list[Piece] = []
-    prev = ""
-    for i, m in enumerate(messages):
-        full = _apply(tokenizer, messages[: i + 1], False)
-        if not full.startswith(prev):
-            raise TemplateError(
-                f"the tokenizer's chat_template is not prefix-stable at message {i}: rendering more messages "
-                "changed earlier text, so turns cannot be attributed; use a built-in --template"
-            )
-        delta = full[len(prev):]
-        # Locate the content by rendering a unique placeholder in its place (never by searching the
-        # real text, which may also occur in the header), then check that the real render agrees.
-        probe = _apply(tokenizer, [*messages[:i], {**m, "content": _PLACEHOLDER}], False)
-        at = probe.find(_PLACEHOLDER, len(prev))
-        head = probe[len(prev):at] if probe.startswith(prev) and at >= 0 else None
-        tail = probe[at + len(_PLACEHOLDER):] if head is not None else None
-        content = next((c for c in (m["content"], m["content"].strip()) if head is not None and delta == head + c + tail), None)
-        if content is None:
-            raise TemplateError(f"the tokenizer's chat_template altered the content of message {i}; use a built-in --template")
-        if head:  # the message's header (for message 0 also any default system prompt)
-            pieces.append(Piece(head, i, "template"))
-        pieces.append(Piece(content, i, "content"))
-        if tail:
-            eot_end = _end_of_last_special(tail, special)
-            if eot_end == 0:
-                eot_end = len(tail.rstrip())
-            if eot_end:
-                pieces.append(Piece(tail[:eot_end], i, "eot" if m["role"] == "assistant" else "template"))
-            if tail[eot_end:]:
-                pieces.append(Piece(tail[eot_end:], i, "template"))
-        prev = full
-    if add_generation_prompt:
-        gen = _apply(tokenizer, messages, True)
-        if not gen.startswith(prev):
-            raise TemplateError("the tokenizer's chat_template is not prefix-stable for the generation prompt")
-        if gen[len(prev):]:
-            pieces.append(Piece(gen[len(prev):], HEADER, "template"))
-    return pieces
-
-
-def _end_of_last_special(text: str, special: set[str]) -> int:
-    end = 0
-    for tok in special:
-        if tok:
-            pos = text.rfind(tok)
-            if pos >= 0:
-                end = max(end, pos + len(tok))
-    return end
+def render_text(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False,
+                tools: list[dict] | None = None, thinking: bool | None = None) -> str:
+    return "".join(p.text for p in render_pieces(messages, template, tokenizer, add_generation_prompt, tools, thinking))
 
 
 # --- the same templates as Jinja, for exported tokenizers (`chat_template`) and serving -------------

@@ -18,14 +18,18 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-from data.templates import HEADER, Piece, jinja_chat_template, render_pieces, render_text
+from data.pieces import PLAIN_KINDS
+from data.samples import REASONING_HISTORY, plan_samples
+from data.templates import HEADER, Piece, TemplateError, jinja_chat_template, render_pieces, render_text
 from data.tokenizer import run_encoder
 
 IGNORE_INDEX = -100
 MASKS = ("assistant", "last", "all")
 OVERFLOW_POLICIES = ("truncate", "drop", "split")
+REASONING_POLICIES = ("train", "mask", "drop")
 Mask = Literal["assistant", "last", "all"]
 Overflow = Literal["truncate", "drop", "split"]
+Reasoning = Literal["train", "mask", "drop"]
 
 
 class DroppedSample(ValueError):
@@ -53,6 +57,24 @@ class ConversationResult:
     dropped: list[str]  # reasons, one per sample (or whole conversation) that was dropped
     truncated: int = 0
     split_into: int = 1
+    expanded_into: int = 1  # samples the inference-context rule made of it (data/samples.py)
+    inexact_turns: int = 0  # supervised turns left as context (--reasoning_history exact)
+
+
+def conversation_parts(conversation) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) of a conversation given as a messages list or as a record {"messages", "tools"?}."""
+    if isinstance(conversation, dict):
+        return list(conversation["messages"]), conversation.get("tools")
+    return list(conversation), None
+
+
+def apply_reasoning_policy(messages: list[dict], reasoning: str) -> list[dict]:
+    """--reasoning drop removes assistant reasoning before rendering; train/mask keep it (mask: no loss)."""
+    if reasoning not in REASONING_POLICIES:
+        raise ValueError(f"--reasoning must be one of {', '.join(REASONING_POLICIES)}, got {reasoning!r}")
+    if reasoning != "drop" or not any("reasoning" in m for m in messages):
+        return messages
+    return [{k: v for k, v in m.items() if k != "reasoning"} for m in messages]
 
 
 def supervised_messages(messages: Sequence[dict], mask: Mask) -> set[int]:
@@ -67,18 +89,25 @@ def supervised_messages(messages: Sequence[dict], mask: Mask) -> set[int]:
     for i, m in enumerate(messages):
         if m.get("train") is True:
             chosen.add(i)
-        elif m.get("train") is False:
+        elif m.get("train") is False or m["role"] == "tool":  # a tool's result is never the model's to learn
             chosen.discard(i)
     return chosen
 
 
-def _piece_supervised(piece: Piece, chosen: set[int], mask: Mask) -> bool:
+_BY_TURN = frozenset({"content", "eot", "call", "call_tag"})
+_REASONING = frozenset({"reasoning", "reasoning_tag"})
+
+
+def _piece_supervised(piece: Piece, chosen: set[int], mask: Mask, reasoning: str = "train") -> bool:
+    if piece.kind in _REASONING:
+        return reasoning == "train" and piece.msg in chosen
     if mask == "all" and (piece.msg in chosen or piece.msg == HEADER):
         return True  # every token, template text included (unless a message opted out with train=false)
-    return piece.kind in ("content", "eot") and piece.msg in chosen
+    return piece.kind in _BY_TURN and piece.msg in chosen
 
 
-def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, mask: Mask) -> list[Encoded]:
+def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, mask: Mask,
+                         reasoning: str = "train") -> list[Encoded]:
     """Tokenize many rendered conversations with two batched backend calls.
 
     Every text run of the batch is laid out in one global character space; each text piece is a span
@@ -99,8 +128,8 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
         buf: list[str] = []
         at_start = True
         for piece in pieces:
-            sup = _piece_supervised(piece, chosen, mask)
-            parts = [(piece.text, None)] if piece.kind == "content" else enc.split_specials(piece.text)
+            sup = _piece_supervised(piece, chosen, mask, reasoning)
+            parts = [(piece.text, None)] if piece.kind in PLAIN_KINDS else enc.split_specials(piece.text)
             for text, special_id in parts:
                 if special_id is None:
                     span_start.append(base)
@@ -195,13 +224,14 @@ def _truncate(ex: Encoded, max_length: int) -> Encoded:
 
 
 def _exchanges(messages: Sequence[dict]) -> tuple[list[int], list[list[int]]]:
-    """System message indices and the user→assistant exchanges (lists of message indices) after it."""
+    """System message indices and the exchanges after it: each starts at a user message and runs to the next one,
+    so a tool call, its results and the reply that uses them always stay together."""
     head = [i for i, m in enumerate(messages) if m["role"] == "system"]
     groups: list[list[int]] = []
     for i, m in enumerate(messages):
         if m["role"] == "system":
             continue
-        if m["role"] == "user" or not groups or messages[groups[-1][-1]]["role"] == "assistant":
+        if m["role"] == "user" or not groups:
             groups.append([i])
         else:
             groups[-1].append(i)
@@ -210,9 +240,9 @@ def _exchanges(messages: Sequence[dict]) -> tuple[list[int], list[list[int]]]:
 
 def plan_split(msgs: Sequence[dict], token_msg: list[int], max_length: int) -> list[list[int]]:
     """Message indices of each part when splitting an over-long conversation at exchange boundaries:
-    greedy packing of whole user→assistant exchanges, using the token counts of the full encoding;
-    every part starts with the system prompt. No message is lost; an exchange longer than max_length
-    on its own becomes a part by itself."""
+    greedy packing of whole exchanges (a user turn up to the next one, tool calls and results included), using
+    the token counts of the full encoding; every part starts with the system prompt. No message is lost; an
+    exchange longer than max_length on its own becomes a part by itself."""
     head, groups = _exchanges(msgs)
     counts = [0] * (len(msgs) + 1)
     for o in token_msg:
@@ -231,14 +261,15 @@ def plan_split(msgs: Sequence[dict], token_msg: list[int], max_length: int) -> l
     return [head + part for part in parts]
 
 
-def split_conversations(conversations: Sequence[Sequence[dict]], tokenizer, template: str,
+def split_conversations(conversations: Sequence, tokenizer, template: str,
                         max_length: int) -> list[tuple[list[list[dict]], int]]:
     """Each conversation as (parts that fit max_length tokens with the real template, its full length
     in tokens); split at exchange boundaries (see plan_split). One that fits comes back as one part."""
-    encoded = _encode_pieces_batch([(render_pieces(list(m), template, tokenizer), set()) for m in conversations],
+    convs = [conversation_parts(c) for c in conversations]
+    encoded = _encode_pieces_batch([(render_pieces(m, template, tokenizer, tools=t), set()) for m, t in convs],
                                    tokenizer, "assistant")
     out = []
-    for msgs, ex in zip(conversations, encoded):
+    for (msgs, _), ex in zip(convs, encoded):
         if len(ex.input_ids) <= max_length:
             out.append(([list(msgs)], len(ex.input_ids)))
         else:
@@ -251,50 +282,83 @@ def _n_supervised(ex: Encoded) -> int:
     return len(ex.labels) - ex.labels.count(IGNORE_INDEX)
 
 
+def _planned(msgs: list[dict], tools, chosen: set[int], template: str, tokenizer, history: str, res) -> list[tuple]:
+    """(messages, tools, chosen) of each sample the inference-context rule makes of one conversation."""
+    plans, inexact = plan_samples(msgs, tools, chosen, template, tokenizer, history)
+    res.inexact_turns += inexact
+    return [(msgs[:p.end + 1], tools, p.chosen) for p in plans]
+
+
 def tokenize_batch(
-    conversations: Sequence[Sequence[dict]],
+    conversations: Sequence,
     tokenizer,
     template: str = "vicuna_v1.1",
     max_length: int | None = None,
     mask: Mask = "assistant",
     overflow: Overflow = "truncate",
+    reasoning: Reasoning = "train",
+    reasoning_history: str = "expand",
 ) -> list[ConversationResult]:
-    """Tokenize many normalized conversations; per conversation the kept samples and drop reasons."""
+    """Tokenize many normalized conversations (messages lists, or records {"messages", "tools"?}); per
+    conversation the kept samples and drop reasons. A conversation may become several samples: by the
+    inference-context rule (data/samples.py) and by the `split` policy."""
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"--truncation must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"--model_max_length must be >= 2, got {max_length}")
-    jobs = [(render_pieces(list(msgs), template, tokenizer), supervised_messages(msgs, mask)) for msgs in conversations]
-    full = _encode_pieces_batch(jobs, tokenizer, mask)
-
+    if reasoning_history not in REASONING_HISTORY:
+        raise ValueError(f"--reasoning_history must be one of {', '.join(REASONING_HISTORY)}, got {reasoning_history!r}")
     results: list[ConversationResult] = []
-    split_jobs: list[tuple[int, list[dict], set[int]]] = []
-    for ci, (msgs, ex) in enumerate(zip(conversations, full)):
+    jobs: list[tuple[int, list[dict], object, set[int]]] = []  # (conversation, messages, tools, chosen)
+    for ci, conv in enumerate(conversations):
         res = ConversationResult([], [])
         results.append(res)
+        msgs, tools = conversation_parts(conv)
+        msgs = apply_reasoning_policy(msgs, reasoning)
+        try:
+            samples = _planned(msgs, tools, supervised_messages(msgs, mask), template, tokenizer, reasoning_history, res)
+        except TemplateError as e:
+            res.dropped.append(f"template: {e}")
+            continue
+        res.expanded_into = len(samples)
+        jobs += [(ci, *s) for s in samples]
+
+    def encode(batch):
+        out = []
+        for ci, sub, tools, chosen in batch:
+            try:
+                out.append((ci, sub, tools, chosen, render_pieces(sub, template, tokenizer, tools=tools)))
+            except TemplateError as e:
+                results[ci].dropped.append(f"template: {e}")
+        encoded = _encode_pieces_batch([(pieces, chosen) for *_, chosen, pieces in out], tokenizer, mask, reasoning)
+        return [(*job[:4], ex) for job, ex in zip(out, encoded)]
+
+    split_jobs: list[tuple[int, list[dict], object, set[int]]] = []
+    for ci, sub, tools, chosen, ex in encode(jobs):
+        res = results[ci]
         if max_length is None or len(ex.input_ids) <= max_length:
             res.samples.append(ex)
         elif overflow == "drop":
             res.dropped.append(f"too long ({len(ex.input_ids)} tokens > max_length {max_length})")
-            continue
         elif overflow == "truncate":
             res.samples.append(_truncate(ex, max_length))
-            res.truncated = 1
+            res.truncated += 1
         else:
-            parts = plan_split(msgs, ex.token_msg, max_length)
-            chosen_full = supervised_messages(msgs, mask)
+            parts = plan_split(sub, ex.token_msg, max_length)
+            res.split_into += len(parts) - 1
             for idx in parts:
-                sub = [msgs[i] for i in idx]
-                chosen = {j for j, i in enumerate(idx) if i in chosen_full}
-                split_jobs.append((ci, sub, chosen))
-            res.split_into = len(parts)
-    if split_jobs:
-        encoded = _encode_pieces_batch([(render_pieces(s, template, tokenizer), ch) for _, s, ch in split_jobs], tokenizer, mask)
-        for (ci, _, _), ex in zip(split_jobs, encoded):
-            if len(ex.input_ids) > max_length:
-                ex = _truncate(ex, max_length)
-                results[ci].truncated += 1
-            results[ci].samples.append(ex)
+                part = [sub[i] for i in idx]
+                part_chosen = {j for j, i in enumerate(idx) if i in chosen}
+                try:  # a part renders its own last turn: the rule may need more samples there
+                    split_jobs += [(ci, *s) for s in _planned(part, tools, part_chosen, template, tokenizer,
+                                                              reasoning_history, res)]
+                except TemplateError as e:
+                    res.dropped.append(f"template: {e}")
+    for ci, _, _, _, ex in encode(split_jobs):
+        if len(ex.input_ids) > max_length:
+            ex = _truncate(ex, max_length)
+            results[ci].truncated += 1
+        results[ci].samples.append(ex)
 
     for res in results:
         kept = []
@@ -314,24 +378,28 @@ def tokenize_conversation(
     max_length: int | None = None,
     mask: Mask = "assistant",
     overflow: Literal["truncate", "drop"] = "truncate",
+    reasoning: Reasoning = "train",
 ) -> dict:
     """[contract] One conversation → {"input_ids", "labels"} (equal length; -100 where no loss).
 
-    Raises DroppedSample when the policy drops it or nothing is left to learn. For `overflow="split"`,
-    which yields several samples, use `tokenize_batch`.
+    `messages` may also be a record {"messages", "tools"}. Raises DroppedSample when the policy drops it or nothing
+    is left to learn. For `overflow="split"`, and for templates that make one conversation several samples (see
+    data/samples.py; this returns the first, the whole conversation), use `tokenize_batch`.
     """
     if overflow == "split":
         raise ValueError("overflow='split' yields several samples; use data.tokenize.tokenize_batch")
-    (res,) = tokenize_batch([messages], tokenizer, template, max_length, mask, overflow)
+    (res,) = tokenize_batch([messages], tokenizer, template, max_length, mask, overflow, reasoning)
     if not res.samples:
         raise DroppedSample(res.dropped[0])
     ex = res.samples[0]
     return {"input_ids": ex.input_ids, "labels": ex.labels, "truncated": ex.truncated}
 
 
-def encode_prompt(messages: Sequence[dict], tokenizer, template: str) -> list[int]:
+def encode_prompt(messages: Sequence[dict], tokenizer, template: str, tools: list[dict] | None = None,
+                  thinking: bool | None = None) -> list[int]:
     """Ids of a conversation followed by the assistant's generation prompt, built exactly as in training."""
-    pieces = render_pieces(list(messages), template, tokenizer, add_generation_prompt=True)
+    pieces = render_pieces(list(messages), template, tokenizer, add_generation_prompt=True, tools=tools,
+                           thinking=thinking)
     return _encode_pieces_batch([(pieces, set())], tokenizer, "assistant")[0].input_ids
 
 

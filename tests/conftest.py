@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from data.assets import fetch_assets
+from data.assets import ASSETS, fetch_assets
 from data.tokenizer import load_tokenizer
 
 TOKENIZER_ASSETS = ("llama-spm", "llama-bpe", "qwen2", "smollm2", "gpt-2")
+TEMPLATE_ASSETS = tuple(n for n in ASSETS if n.startswith("template:"))  # published chat templates
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _assets():
     # Fetching is idempotent; missing assets make the suite fail (never skip).
-    fetch_assets(list(TOKENIZER_ASSETS), quiet=True)
+    fetch_assets([*TOKENIZER_ASSETS, *TEMPLATE_ASSETS], quiet=True)
 
 
 @pytest.fixture(scope="session")
