@@ -237,7 +237,10 @@ def jinja_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool, t
     for t, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        full, g, e = turn_span(messages[:t + 1], tokenizer, tools)
+        try:
+            full, g, e = turn_span(messages[:t + 1], tokenizer, tools)
+        except TemplateError:  # never trainable in its inference context: stays context (data/samples.py)
+            continue
         if text.startswith(full[:e]):
             pieces = _mark_output(pieces, t, g, e)
     return pieces
@@ -255,7 +258,14 @@ def _mark_output(pieces: list[Piece], t: int, g: int, e: int) -> list[Piece]:
         if len(cuts) > 2 and p.kind in PLAIN_KINDS:
             raise TemplateError(f"the generation prompt or end of turn of message {t} falls inside a message's text")
         for x, y in zip(cuts, cuts[1:]):
-            out.append(Piece(p.text[x - a:y - a], t if g <= x < e else p.msg, p.kind if not g <= x < e or p.kind != "template" else "?"))
+            if g <= x < e:
+                out.append(Piece(p.text[x - a:y - a], t, "?" if p.kind == "template" else p.kind))
+            elif p.msg == t and p.kind in OUTPUT_KINDS:  # the generation prompt already holds it (QwQ's `<think>`)
+                if p.kind in PLAIN_KINDS and x < g:
+                    raise TemplateError(f"the generation prompt of message {t} holds part of its text")
+                out.append(Piece(p.text[x - a:y - a], p.msg, "template"))
+            else:
+                out.append(Piece(p.text[x - a:y - a], p.msg, p.kind))
     # type the template text inside the output by its neighbours among the turn's data
     k = 0
     while k < len(out):
@@ -267,9 +277,8 @@ def _mark_output(pieces: list[Piece], t: int, g: int, e: int) -> list[Piece]:
         text = out[k].text
         if nxt == "reasoning":
             kind = "reasoning_tag"
-        elif prev == "reasoning" and nxt is not None:  # `\n</think>\n\n`, perhaps followed by a tool call's opening
-            cut = text.find("</think>")
-            cut = len(text) if cut < 0 else cut + len("</think>")
+        elif prev == "reasoning" and nxt is not None and "</think>" in text:  # perhaps followed by a call's opening
+            cut = text.find("</think>") + len("</think>")
             while cut < len(text) and text[cut] == "\n":
                 cut += 1
             if text[cut:]:

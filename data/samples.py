@@ -53,10 +53,20 @@ def plan_samples(messages: list[dict], tools, chosen: set[int], template: str, t
         raise ValueError(f"--reasoning_history must be one of {', '.join(REASONING_HISTORY)}, got {history!r}")
     last = len(messages) - 1
     turns = sorted(t for t in chosen if messages[t]["role"] == "assistant")
-    if template in PREFIX_STABLE or len(turns) <= 1 and (not turns or turns[-1] == last):
+    if template in PREFIX_STABLE or not turns or template != "tokenizer" and turns == [last]:
         return [SamplePlan(last, set(chosen))], 0
-    spans = {t: turn_span(messages[:t + 1], template, tokenizer, tools) for t in turns}
-    others = set(chosen) - set(turns)
+    spans, untrainable = {}, 0
+    for t in turns:
+        try:
+            spans[t] = turn_span(messages[:t + 1], template, tokenizer, tools)
+        except TemplateError:  # e.g. a turn without reasoning under a template whose prompt always opens a think
+            if t == last and len(turns) == 1:
+                raise
+            untrainable += 1  # block (QwQ): it stays as context, counted with the inexact turns
+    turns = [t for t in turns if t in spans]
+    if not turns:
+        raise TemplateError("no turn of this conversation renders after the template's own generation prompt")
+    others = {t for t in chosen if messages[t]["role"] != "assistant"}
     plans: list[SamplePlan] = []
     remaining = set(turns)
     end = last
@@ -66,7 +76,7 @@ def plan_samples(messages: list[dict], tools, chosen: set[int], template: str, t
         plans.append(SamplePlan(end, covered | (others if not plans else set())))
         remaining -= covered
         if not remaining or history == "exact":
-            return [p for p in plans if p.chosen], len(remaining)
+            return [p for p in plans if p.chosen], len(remaining) + untrainable
         end = max(remaining)
 
 
