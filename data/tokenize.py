@@ -20,7 +20,15 @@ from typing import Literal
 
 from data.pieces import PLAIN_KINDS
 from data.samples import REASONING_HISTORY, plan_samples
-from data.templates import HEADER, Piece, TemplateError, jinja_chat_template, render_pieces, render_text
+from data.templates import (
+    HEADER,
+    TEMPLATE_NAMES,
+    Piece,
+    TemplateError,
+    jinja_chat_template,
+    render_pieces,
+    render_text,
+)
 from data.tokenizer import run_encoder
 
 IGNORE_INDEX = -100
@@ -308,6 +316,12 @@ def tokenize_batch(
         raise ValueError(f"--model_max_length must be >= 2, got {max_length}")
     if reasoning_history not in REASONING_HISTORY:
         raise ValueError(f"--reasoning_history must be one of {', '.join(REASONING_HISTORY)}, got {reasoning_history!r}")
+    if reasoning not in REASONING_POLICIES:
+        raise ValueError(f"--reasoning must be one of {', '.join(REASONING_POLICIES)}, got {reasoning!r}")
+    if template not in TEMPLATE_NAMES:  # a wrong name is the run's error, not every record's
+        raise TemplateError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise TemplateError("template 'tokenizer' was chosen but the tokenizer has no chat_template")
     results: list[ConversationResult] = []
     jobs: list[tuple[int, list[dict], object, set[int]]] = []  # (conversation, messages, tools, chosen)
     for ci, conv in enumerate(conversations):
