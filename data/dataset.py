@@ -46,7 +46,8 @@ from data.validate import (
 )
 
 # Modules whose code decides a cached row: changing any of them changes every key.
-PIPELINE_MODULES = ("data.formats", "data.validate", "data.templates", "data.tokenizer", "data.tokenize",
+PIPELINE_MODULES = ("data.formats", "data.validate", "data.toolcalls", "data.pieces", "data.templates",
+                    "data.agent_templates", "data.jinja_pieces", "data.samples", "data.tokenizer", "data.tokenize",
                     "data.dataset")
 VERSIONED_LIBRARIES = ("transformers", "tokenizers", "datasets", "pyarrow")
 PUBLISHED = "stats.json"  # written last inside the build directory; its presence means "complete"
@@ -61,6 +62,8 @@ class DataConfig:
     on_bad_record: str = "error"
     validation: ValidationOptions = field(default_factory=ValidationOptions)
     seed: int = 42  # mixing: which records a weight/count below 1x keeps
+    reasoning: str = "train"  # assistant reasoning: train | mask | drop
+    reasoning_history: str = "expand"  # turns a template renders differently in history: expand | exact
 
 
 @dataclass
@@ -70,6 +73,8 @@ class BuildStats:
     tokens: int = 0
     supervised_tokens: int = 0
     truncated: int = 0
+    expanded: int = 0  # conversations the inference-context rule made several samples (data/samples.py)
+    inexact_turns: int = 0  # supervised turns left as context (--reasoning_history exact, or not trainable)
     dropped: dict = field(default_factory=dict)  # reason -> count (samples that produced no training row)
     sources: list = field(default_factory=list)  # per source: path, records read, conversations used, samples, tokens
 
@@ -148,12 +153,12 @@ def _tokenize_rows(batch: dict, tokenizer, cfg: DataConfig) -> dict:
         by_template.setdefault(t, []).append(i)
     for template, idx in by_template.items():  # each source may have its own template
         for i, res in zip(idx, tokenize_batch([conversations[i] for i in idx], tokenizer, template, cfg.max_length,
-                                              cfg.mask, cfg.overflow)):
+                                              cfg.mask, cfg.overflow, cfg.reasoning, cfg.reasoning_history)):
             results[i] = res
     out: dict[str, list] = {k: [] for k in ("id", "source", "input_ids", "labels", "length", "num_supervised",
-                                            "truncated", "dropped")}
+                                            "truncated", "dropped", "expanded", "inexact_turns")}
 
-    def add(rid, src, ids, labels, truncated, dropped):
+    def add(rid, src, ids, labels, truncated, dropped, expanded=0, inexact=0):
         out["id"].append(rid)
         out["source"].append(src)
         out["input_ids"].append(ids)
@@ -162,10 +167,13 @@ def _tokenize_rows(batch: dict, tokenizer, cfg: DataConfig) -> dict:
         out["num_supervised"].append(len(labels) - labels.count(IGNORE_INDEX))
         out["truncated"].append(truncated)
         out["dropped"].append(dropped)
+        out["expanded"].append(expanded)
+        out["inexact_turns"].append(inexact)
 
     for rid, src, res in zip(batch["id"], batch["source"], results):
-        for ex in res.samples:
-            add(rid, src, ex.input_ids, ex.labels, ex.truncated, "")
+        for k, ex in enumerate(res.samples):  # the conversation's counts ride on its first row
+            add(rid, src, ex.input_ids, ex.labels, ex.truncated, "", int(k == 0 and res.expanded_into > 1),
+                res.inexact_turns if k == 0 else 0)
         for reason in res.dropped:  # an empty row carries the reason so stats can count it
             add(rid, src, [], [], False, reason)
     return out
@@ -212,6 +220,10 @@ def build_dataset(paths, tokenizer, cfg: DataConfig, num_proc: int = 1, cache: s
     if verbose and is_main:
         if report.skipped or report.fixes:
             print("[data] " + format_report(report).replace("\n", "\n[data] "), flush=True)
+        if stats.expanded or stats.inexact_turns:
+            print(f"[data] {stats.conversations} conversations -> {stats.samples} samples: {stats.expanded} expanded so "
+                  f"every trained turn sees its inference context (--reasoning_history {cfg.reasoning_history}); "
+                  f"{stats.inexact_turns} turn(s) left untrained as context", flush=True)
         print(f"[data] {target} — {stats.samples} samples, {stats.tokens} tokens "
               f"({stats.supervised_tokens / max(stats.tokens, 1):.1%} supervised), truncated {stats.truncated}, "
               f"dropped {sum(stats.dropped.values())} {dict(stats.dropped) or ''}", flush=True)
@@ -308,14 +320,17 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
     dropped_col = tokenized.data.column("dropped").to_pylist()
     dropped = Counter(r for r in dropped_col if r)
     kept = tokenized.filter(lambda d: d == "", input_columns="dropped", cache_file_name=str(out / "kept.arrow"))
-    kept = kept.remove_columns("dropped")
+    expanded = int(kept.data.column("expanded").to_numpy().sum())
+    inexact = int(kept.data.column("inexact_turns").to_numpy().sum())
+    kept = kept.remove_columns(["dropped", "expanded", "inexact_turns"])
     lengths = lengths_of(kept)
     supervised = kept.data.column("num_supervised").to_numpy()
     for src, n, tok_count in zip(per_source, *_per_source_counts(kept, lengths, len(sources))):
         src["samples"], src["tokens"] = n, tok_count
     stats = BuildStats(
         conversations=len(raw), samples=len(kept), tokens=int(lengths.sum()), supervised_tokens=int(supervised.sum()),
-        truncated=int(kept.data.column("truncated").to_numpy().sum()), dropped=dict(dropped), sources=per_source,
+        truncated=int(kept.data.column("truncated").to_numpy().sum()), expanded=expanded, inexact_turns=inexact,
+        dropped=dict(dropped), sources=per_source,
     )
     kept.save_to_disk(str(out / "dataset"))
     write_report(report, out / "data_report.json")
@@ -334,8 +349,10 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
 def _raw_batch(records: list[dict], source: int, template: str, schema):
     import pyarrow as pa
 
+    # a record with tools keeps them beside its messages (data.tokenize.conversation_parts reads either form)
     return pa.record_batch([[r["id"] for r in records], [source] * len(records), [template] * len(records),
-                            [json.dumps(r["messages"]) for r in records]], schema=schema)
+                            [json.dumps({"messages": r["messages"], "tools": r["tools"]} if r.get("tools") else r["messages"])
+                             for r in records]], schema=schema)
 
 
 def _per_source_counts(ds, lengths, n_sources: int):

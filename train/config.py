@@ -16,7 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 from data.templates import TEMPLATE_NAMES
-from data.tokenize import MASKS, OVERFLOW_POLICIES
+from data.samples import REASONING_HISTORY
+from data.tokenize import MASKS, OVERFLOW_POLICIES, REASONING_POLICIES
 from train.precision import PrecisionError, parse_bf16_flag
 from train.sharding_config import ConfigError, FSDPSettings, load_ds_config, load_mapping, zero_stage
 
@@ -61,6 +62,13 @@ class TrainConfig:
     on_bad_record: str = _help("invalid records: error (stop) or skip (report and continue)", default="error")
     merge_consecutive: bool = _help("merge consecutive same-role turns instead of rejecting the record", default=False)
     drop_leading_assistant: bool = _help("drop assistant turns before the first user turn (as FastChat)", default=False)
+    allow_undeclared_tools: bool = _help("accept tool calls to functions the record's 'tools' does not declare",
+                                         default=False)
+    reasoning: str = _help("assistant reasoning (reasoning_content / <think>): train (supervised), mask (in the "
+                           "context, no loss) or drop (removed)", default="train")
+    reasoning_history: str = _help("templates that render earlier turns differently from a last turn (Qwen3 drops "
+                                   "their reasoning): expand (each such turn gets a sample in its inference context) "
+                                   "or exact (one sample; train only the turns rendered exactly)", default="expand")
     model_max_length: int = _help("maximum tokens per sample (and per packed row)", default=2048)
     packing: bool = _help("pack samples into rows of model_max_length (attention kept per sample)", default=False)
     group_by_length: bool = _help("batch samples of similar length together (less padding)", default=False)
@@ -141,6 +149,9 @@ class TrainConfig:
         need(bool(self.output_dir), "output_dir", "is required")
         need(self.template in TEMPLATE_NAMES, "template", f"must be one of {', '.join(TEMPLATE_NAMES)}, got {self.template!r}")
         need(self.mask in MASKS, "mask", f"must be one of {', '.join(MASKS)}, got {self.mask!r}")
+        need(self.reasoning in REASONING_POLICIES, "reasoning", f"must be one of {', '.join(REASONING_POLICIES)}, got {self.reasoning!r}")
+        need(self.reasoning_history in REASONING_HISTORY, "reasoning_history",
+             f"must be one of {', '.join(REASONING_HISTORY)}, got {self.reasoning_history!r}")
         need(self.truncation in OVERFLOW_POLICIES, "truncation", f"must be one of {', '.join(OVERFLOW_POLICIES)}, got {self.truncation!r}")
         need(self.on_bad_record in ("error", "skip"), "on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
         need(self.model_max_length >= 8, "model_max_length", f"must be >= 8, got {self.model_max_length}")

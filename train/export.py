@@ -54,6 +54,7 @@ def run_record(cfg: TrainConfig, mode: str, extra: dict | None = None) -> dict:
         "mode": mode,
         "max_length": cfg.model_max_length,
         "mask": cfg.mask,
+        "reasoning": cfg.reasoning,
         "flags": to_dict(cfg),
         "versions": {"chattune": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": platform.python_version()},

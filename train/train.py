@@ -58,7 +58,9 @@ def run(cfg: TrainConfig) -> int:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         data_cfg = DataConfig(cfg.template, cfg.model_max_length, cfg.mask, cfg.truncation, cfg.on_bad_record,
-                              ValidationOptions(cfg.merge_consecutive, cfg.drop_leading_assistant), cfg.seed)
+                              ValidationOptions(cfg.merge_consecutive, cfg.drop_leading_assistant,
+                                                allow_undeclared_tools=cfg.allow_undeclared_tools),
+                              cfg.seed, cfg.reasoning, cfg.reasoning_history)
         cache_opts = {"shared": cfg.data_cache_shared, "data_hash": cfg.data_hash}
         train_ds, train_stats, _ = build_dataset(cfg.data_path, tokenizer, data_cfg, cfg.preprocessing_num_workers,
                                                  report_dir=cfg.output_dir, **cache_opts)
