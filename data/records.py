@@ -57,17 +57,22 @@ def record_id(row: Row) -> str:
     return str(rid) if rid is not None else f"{os.path.basename(row.path)}:{row.loc}"
 
 
-def valid_conversations(rows: list[Row], tally: Tally, opts: ValidationOptions | None = None) -> list[tuple[Row, list[dict]]]:
-    """(row, normalized messages) for the rows that pass training's validation (any supported format);
-    the others are dropped as `invalid (RULE)`, the first of each rule reported with its message."""
+def valid_records(rows: list[Row], tally: Tally, opts: ValidationOptions | None = None) -> list[tuple[Row, dict]]:
+    """(row, normalized record {"id", "messages", "tools"?}) for the rows that pass training's validation (any
+    supported format); the others are dropped as `invalid (RULE)`, the first of each rule reported with its message."""
     out = []
     for row in progress(rows, "validating"):
         rec, problem = normalize_row(row, opts)
         if problem:
             tally.drop(f"invalid ({problem.rule})", f"{where(row)}: {problem.message}")
         else:
-            out.append((row, rec["messages"]))
+            out.append((row, rec))
     return out
+
+
+def valid_conversations(rows: list[Row], tally: Tally, opts: ValidationOptions | None = None) -> list[tuple[Row, list[dict]]]:
+    """(row, normalized messages): `valid_records` for tools that need only roles and text."""
+    return [(row, rec["messages"]) for row, rec in valid_records(rows, tally, opts)]
 
 
 def load_tool_tokenizer(source: str):
@@ -102,17 +107,52 @@ def batches(items: list, size: int, desc: str) -> Iterator[list]:
     return progress((items[i:i + size] for i in range(0, len(items), size)), desc, total=(len(items) + size - 1) // size)
 
 
-def to_sharegpt(rid: str, messages: list[dict]) -> dict:
+def reply_text(m: dict) -> str:
+    """An assistant reply with its reasoning written inline, the form ShareGPT files carry it in."""
+    return (f"<think>\n{m['reasoning']}\n</think>\n\n" if m.get("reasoning") else "") + m["content"]
+
+
+def to_sharegpt(rid: str, messages: list[dict], tools: list[dict] | None = None) -> dict:
+    """ShareGPT, with LLaMA-Factory's tool turns: an assistant's calls as a `function_call` turn (one call object,
+    or a list for parallel calls), their results as one `observation` turn (a JSON list for several), the
+    functions as a `tools` JSON string; reasoning inline as a leading think block."""
     rec: dict = {"id": rid, "conversations": []}
-    for m in messages:
+    turns = rec["conversations"]
+    for k, m in enumerate(messages):
+        flag = {"train": m["train"]} if "train" in m else {}
         if m["role"] == "system":
             rec["system"] = m["content"]
-        else:
-            turn = {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
-            if "train" in m:
-                turn["train"] = m["train"]
-            rec["conversations"].append(turn)
+        elif m["role"] == "user":
+            turns.append({"from": "human", "value": m["content"], **flag})
+        elif m["role"] == "assistant":
+            if reply_text(m) or not m.get("tool_calls"):
+                turns.append({"from": "gpt", "value": reply_text(m), **flag})
+            if m.get("tool_calls"):
+                calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+                turns.append({"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls,
+                                                                           ensure_ascii=False), **flag})
+        elif k == 0 or messages[k - 1]["role"] != "tool":  # consecutive results share one observation
+            run = [x["content"] for x in messages[k:]]
+            n = next((j for j, x in enumerate(messages[k:]) if x["role"] != "tool"), len(run))
+            turns.append({"from": "observation", "value": run[0] if n == 1 else json.dumps(run[:n], ensure_ascii=False)})
+    if tools:
+        rec["tools"] = json.dumps(tools, ensure_ascii=False)
     return rec
+
+
+def to_openai(rid: str, messages: list[dict], tools: list[dict] | None = None) -> dict:
+    """OpenAI chat format: `tool_calls` with JSON-string arguments, `tool` messages, `reasoning_content`."""
+    out = []
+    for m in messages:
+        d = {k: v for k, v in m.items() if k not in ("reasoning", "tool_calls")}
+        if m.get("reasoning"):
+            d["reasoning_content"] = m["reasoning"]
+        if m.get("tool_calls"):
+            d["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+                "name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+                for c in m["tool_calls"]]
+        out.append(d)
+    return {"id": rid, "messages": out, **({"tools": tools} if tools else {})}
 
 
 def conversation_text(messages: list[dict], roles: tuple[str, ...] = ("user", "assistant")) -> str:

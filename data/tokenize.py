@@ -54,6 +54,7 @@ class Encoded:
     labels: list[int]
     token_msg: list[int]  # message index owning each token (HEADER for template-only text)
     truncated: bool = False
+    token_kind: list[str] | None = None  # piece kind of each token (tokenize_batch(kinds=True) only)
 
     def as_dict(self) -> dict:
         return {"input_ids": self.input_ids, "labels": self.labels}
@@ -115,12 +116,13 @@ def _piece_supervised(piece: Piece, chosen: set[int], mask: Mask, reasoning: str
 
 
 def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, mask: Mask,
-                         reasoning: str = "train") -> list[Encoded]:
+                         reasoning: str = "train", kinds: bool = False) -> list[Encoded]:
     """Tokenize many rendered conversations with two batched backend calls.
 
     Every text run of the batch is laid out in one global character space; each text piece is a span
     of it with a supervision flag and an owning message. A token is supervised when it overlaps a
-    supervised span, and owned by the message of the last span it touches.
+    supervised span, and owned by the message of the last span it touches (`kinds`: also typed by that span's
+    piece kind, for inspection and statistics).
     """
     enc = run_encoder(tokenizer)
     layouts: list[list[tuple]] = []  # per conversation: ("run", run_index) | ("special", id, supervised, msg)
@@ -130,6 +132,7 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
     span_len: list[int] = []
     span_sup: list[bool] = []
     span_msg: list[int] = []
+    span_kind: list[str] = []
     base = 0
     for pieces, chosen in batch:
         items: list[tuple] = []
@@ -144,6 +147,7 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
                     span_len.append(len(text))
                     span_sup.append(sup)
                     span_msg.append(piece.msg)
+                    span_kind.append(piece.kind)
                     buf.append(text)
                     base += len(text)
                     continue
@@ -152,7 +156,7 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
                     runs.append(("".join(buf), at_start))
                     run_span_counts.append(len(buf))
                     buf = []
-                items.append(("special", special_id, sup, piece.msg))
+                items.append(("special", special_id, sup, piece.msg, piece.kind))
                 at_start = False
         if buf:
             items.append(("run", len(runs)))
@@ -169,12 +173,14 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
     run_ids: list[list[int]] = []
     run_labels: list[list[int]] = []
     run_owner: list[list[int]] = []
+    run_kind: list[list[str]] = []
     k = 0  # index of the run's first span in the span lists
     for run_base, (text, _), encoding, n_spans in zip(run_bases, runs, encodings, run_span_counts):
         ids = encoding.ids
         n = len(ids)
         labels = [IGNORE_INDEX] * n
         owner = [HEADER] * n
+        kind = ["template"] * n if kinds else None
         c2t = encoding.char_to_token
         length = len(text)
         for j in range(k, k + n_spans):
@@ -187,12 +193,15 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
             if first is None:
                 continue
             owner[first:last + 1] = [span_msg[j]] * (last + 1 - first)
+            if kinds:
+                kind[first:last + 1] = [span_kind[j]] * (last + 1 - first)
             if span_sup[j]:
                 labels[first:last + 1] = ids[first:last + 1]
         k += n_spans
         run_ids.append(ids)
         run_labels.append(labels)
         run_owner.append(owner)
+        run_kind.append(kind)
 
     out: list[Encoded] = []
     for (pieces, _), items in zip(batch, layouts):
@@ -200,26 +209,34 @@ def _encode_pieces_batch(batch: list[tuple[list[Piece], set[int]]], tokenizer, m
         ids: list[int] = [] if starts_with_prefix else list(enc.prefix_ids)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         owner: list[int] = [HEADER] * len(ids)
+        kind: list[str] | None = ["template"] * len(ids) if kinds else None
         for item in items:
             if item[0] == "special":
-                _, tid, sup, msg = item
+                _, tid, sup, msg, piece_kind = item
                 ids.append(tid)
                 labels.append(tid if sup else IGNORE_INDEX)
                 owner.append(msg)
+                if kinds:
+                    kind.append(piece_kind)
             else:
                 ids.extend(run_ids[item[1]])
                 labels.extend(run_labels[item[1]])
                 owner.extend(run_owner[item[1]])
+                if kinds:
+                    kind.extend(run_kind[item[1]])
         ids.extend(enc.suffix_ids)
         labels.extend([IGNORE_INDEX] * len(enc.suffix_ids))
         owner.extend([HEADER] * len(enc.suffix_ids))
-        out.append(Encoded(ids, labels, owner))
+        if kinds:
+            kind.extend(["template"] * len(enc.suffix_ids))
+        out.append(Encoded(ids, labels, owner, token_kind=kind))
     return out
 
 
 def _truncate(ex: Encoded, max_length: int) -> Encoded:
     """Keep whole leading turns that fit, then cut; a cut turn that carries no loss is removed entirely."""
     ids, labels, owner = ex.input_ids[:max_length], ex.labels[:max_length], ex.token_msg[:max_length]
+    kind = ex.token_kind[:max_length] if ex.token_kind is not None else None
     cut_msg = ex.token_msg[max_length]
     if owner and owner[-1] == cut_msg and all(
         lab == IGNORE_INDEX for lab, o in zip(labels, owner) if o == cut_msg
@@ -228,7 +245,8 @@ def _truncate(ex: Encoded, max_length: int) -> Encoded:
         while keep and owner[keep - 1] == cut_msg:
             keep -= 1
         ids, labels, owner = ids[:keep], labels[:keep], owner[:keep]
-    return Encoded(ids, labels, owner, truncated=True)
+        kind = kind[:keep] if kind is not None else None
+    return Encoded(ids, labels, owner, truncated=True, token_kind=kind)
 
 
 def _exchanges(messages: Sequence[dict]) -> tuple[list[int], list[list[int]]]:
@@ -306,6 +324,7 @@ def tokenize_batch(
     overflow: Overflow = "truncate",
     reasoning: Reasoning = "train",
     reasoning_history: str = "expand",
+    kinds: bool = False,
 ) -> list[ConversationResult]:
     """Tokenize many normalized conversations (messages lists, or records {"messages", "tools"?}); per
     conversation the kept samples and drop reasons. A conversation may become several samples: by the
@@ -344,7 +363,8 @@ def tokenize_batch(
                 out.append((ci, sub, tools, chosen, render_pieces(sub, template, tokenizer, tools=tools)))
             except TemplateError as e:
                 results[ci].dropped.append(f"template: {e}")
-        encoded = _encode_pieces_batch([(pieces, chosen) for *_, chosen, pieces in out], tokenizer, mask, reasoning)
+        encoded = _encode_pieces_batch([(pieces, chosen) for *_, chosen, pieces in out], tokenizer, mask, reasoning,
+                                       kinds)
         return [(*job[:4], ex) for job, ex in zip(out, encoded)]
 
     split_jobs: list[tuple[int, list[dict], object, set[int]]] = []

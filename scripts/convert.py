@@ -7,6 +7,10 @@ The input format is recognized per record (the same rules as training, data.vali
 records are dropped with the reason. Alpaca holds one exchange: a multi-turn conversation cannot be
 written as Alpaca and is dropped (counted), never cut silently. `train` flags on turns are kept for
 ShareGPT and OpenAI. Ids are kept (or made from file:line).
+
+Tool use converts both ways between OpenAI (`tools`, assistant `tool_calls`, `tool` messages,
+`reasoning_content`) and LLaMA-Factory's ShareGPT (`function_call` / `observation` turns, a `tools` JSON
+string, reasoning inline as `<think>…</think>`); records with tools cannot be written as Alpaca (dropped, counted).
 """
 
 from __future__ import annotations
@@ -23,24 +27,24 @@ from data.records import (
     progress,
     read_records,
     record_id,
+    reply_text,
     run_tool,
+    to_openai,
     to_sharegpt,
-    valid_conversations,
+    valid_records,
     where,
     write_records,
 )
 
 
-def to_openai(rid: str, messages: list[dict]) -> dict:
-    return {"id": rid, "messages": [dict(m) for m in messages]}
-
-
 def to_alpaca(rid: str, messages: list[dict]) -> tuple[dict | None, str | None]:
+    if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return None, "tool calls cannot be written as Alpaca"
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     body = messages[1:] if system is not None else messages
     if len(body) != 2:
         return None, "multi-turn conversation cannot be written as Alpaca"
-    rec = {"id": rid, "instruction": body[0]["content"], "input": "", "output": body[1]["content"]}
+    rec = {"id": rid, "instruction": body[0]["content"], "input": "", "output": reply_text(body[1])}
     if system is not None:
         rec["system"] = system
     return rec, None
@@ -54,12 +58,12 @@ def main() -> int:
     rows = read_records(args.in_file)
     tally = Tally("convert", read=len(rows))
     out = []
-    for row, msgs in progress(valid_conversations(rows, tally), "converting"):
-        rid = record_id(row)
+    for row, rec in progress(valid_records(rows, tally), "converting"):
+        rid, msgs, tools = record_id(row), rec["messages"], rec.get("tools")
         if args.to == "sharegpt":
-            out.append(to_sharegpt(rid, msgs))
+            out.append(to_sharegpt(rid, msgs, tools))
         elif args.to == "openai":
-            out.append(to_openai(rid, msgs))
+            out.append(to_openai(rid, msgs, tools))
         else:
             rec, reason = to_alpaca(rid, msgs)
             if reason:

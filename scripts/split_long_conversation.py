@@ -8,7 +8,8 @@ Lengths are counted with the real tokenizer and template, exactly as training wi
 are `ID_0`, `ID_1`, ... with `"split_from": ID` (split_train_test keeps them on one side); each keeps
 the system prompt and the record's other fields; together they hold every turn of the original, in order. An exchange longer than --max-length on its own is kept
 as its own part (training's --truncation then applies) and counted in the summary. Input in any
-supported format; output is ShareGPT.
+supported format; output is ShareGPT (tool calls as LLaMA-Factory's function_call/observation turns). A
+part starts at a user turn and runs to the next one, so a tool call is never separated from its result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from data.records import (
     resolve_tool_template,
     run_tool,
     to_sharegpt,
-    valid_conversations,
+    valid_records,
     write_records,
 )
 from data.templates import TEMPLATE_NAMES
@@ -53,24 +54,24 @@ def main() -> int:
     args.template = resolve_tool_template(args.template, tokenizer, args.tokenizer)
     rows = read_records(args.in_file)
     tally = Tally("split_long_conversation", read=len(rows))
-    valid = valid_conversations(rows, tally)
+    valid = valid_records(rows, tally)
     out, split_parts = [], []
     over = 0  # parts still over the limit: single exchanges that cannot be split at a turn boundary
     for chunk in batches(valid, args.batch_size, "splitting"):
-        for (row, msgs), (parts, length) in zip(chunk, split_conversations([m for _, m in chunk], tokenizer, args.template,
-                                                                 args.max_length)):
-            rid = record_id(row)
+        for (row, rec), (parts, length) in zip(chunk, split_conversations([r for _, r in chunk], tokenizer, args.template,
+                                                                          args.max_length)):
+            rid, msgs, tools = record_id(row), rec["messages"], rec.get("tools")
             extra = {k: v for k, v in row.value.items() if k not in ("id", "conversations", "messages", "system",
-                                                                     "instruction", "input", "output")}
+                                                                     "instruction", "input", "output", "tools")}
             if len(parts) == 1:
                 over += length > args.max_length
-                out.append(row.value if "conversations" in row.value else {**to_sharegpt(rid, msgs), **extra})
+                out.append(row.value if "conversations" in row.value else {**to_sharegpt(rid, msgs, tools), **extra})
                 continue
             tally.fixed["conversations split"] += 1
             tally.fixed["parts written for split conversations"] += len(parts)
-            for i, part in enumerate(parts):
-                out.append({**to_sharegpt(f"{rid}_{i}", part), **extra, "split_from": rid})
-                split_parts.append(part)
+            for i, part in enumerate(parts):  # every part keeps the tools; a call stays with its results
+                out.append({**to_sharegpt(f"{rid}_{i}", part, tools), **extra, "split_from": rid})
+                split_parts.append({"messages": part, "tools": tools})
     results = tokenize_batch(split_parts, tokenizer, args.template) if split_parts else []
     over += sum(len(res.samples[0].input_ids) > args.max_length for res in results if res.samples)
     if over:

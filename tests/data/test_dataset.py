@@ -122,7 +122,8 @@ def test_cache_key_covers_code_libraries_sources_and_options(tokenizers, tmp_pat
     key = fingerprint(DEMO, tok, base)
     # every option of DataConfig, one at a time
     changed = {"template": "tokenizer", "max_length": 65, "mask": "last", "overflow": "split", "on_bad_record": "skip",
-               "validation": ValidationOptions(merge_consecutive=True), "seed": 7}
+               "validation": ValidationOptions(merge_consecutive=True), "seed": 7,
+               "reasoning": "mask", "reasoning_history": "exact"}
     assert set(changed) == {f.name for f in dataclasses.fields(DataConfig)}
     keys = {name: fingerprint(DEMO, tok, dataclasses.replace(base, **{name: value})) for name, value in changed.items()}
     assert len({key, *keys.values()}) == len(changed) + 1
