@@ -27,7 +27,7 @@ from data.records import (
     read_records,
     resolve_tool_template,
     run_tool,
-    valid_conversations,
+    valid_records,
 )
 from data.templates import TEMPLATE_NAMES
 
@@ -83,24 +83,34 @@ def main() -> int:
     args.template = resolve_tool_template(args.template, tokenizer, args.tokenizer)
     rows = read_records(args.in_file)
     tally = Tally("stats", read=len(rows))
-    convs = [msgs for _, msgs in valid_conversations(rows, tally)]
+    from data.inspect import token_category
+
+    convs = [rec for _, rec in valid_records(rows, tally)]
     lengths, supervised, turns = [], [], []
-    role_tokens = {"system": 0, "user": 0, "assistant": 0, "template": 0}
+    role_tokens = {"system": 0, "user": 0, "assistant": 0, "tool": 0, "template": 0}
+    shares = {"reasoning": 0, "tool_call": 0, "tool_result": 0, "text": 0}
+    samples = 0
     for chunk in batches(convs, args.batch_size, "tokenizing"):
-        for msgs, res in zip(chunk, tokenize_batch(chunk, tokenizer, args.template)):
-            turns.append(sum(m["role"] != "system" for m in msgs))
+        for rec, res in zip(chunk, tokenize_batch(chunk, tokenizer, args.template, kinds=True)):
+            msgs = rec["messages"]
+            turns.append(sum(m["role"] not in ("system", "tool") for m in msgs))
             if not res.samples:  # nothing supervised (e.g. every turn train=false)
                 tally.drop("; ".join(res.dropped), "-")
                 continue
-            ex = res.samples[0]
+            ex = res.samples[0]  # the whole conversation (templates that need more samples add them: `samples`)
+            samples += len(res.samples)
             lengths.append(len(ex.input_ids))
             supervised.append(sum(lab != -100 for lab in ex.labels))
-            for owner in ex.token_msg:
-                role_tokens[msgs[owner]["role"] if owner >= 0 else "template"] += 1
+            for owner, kind in zip(ex.token_msg, ex.token_kind):
+                role = msgs[owner]["role"] if owner >= 0 else None
+                role_tokens[role or "template"] += 1
+                shares[token_category(kind, role)] += 1
     tally.kept = len(lengths)
     figures = {"records": len(rows), "conversations": len(lengths), "turns": describe(turns),
                "tokens": describe(lengths), "supervised_tokens": describe(supervised),
                "supervised_fraction": round(sum(supervised) / max(sum(lengths), 1), 4), "tokens_by_role": role_tokens,
+               "samples": samples,
+               "token_shares": {k: round(v / max(sum(lengths), 1), 4) for k, v in shares.items()},
                "template": args.template, "tokenizer": args.tokenizer}
     if args.max_length:
         figures["over_max_length"] = sum(n > args.max_length for n in lengths)
@@ -110,7 +120,10 @@ def main() -> int:
           f"  tokens/conv: mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}  "
           f"total {t['total']:,}\n"
           f"  supervised tokens {figures['supervised_tokens']['total']:,} ({figures['supervised_fraction']:.1%}); "
-          f"tokens by role (turns incl. their template markup) {role_tokens}", flush=True)
+          f"tokens by role (turns incl. their template markup) {role_tokens}\n"
+          f"  token shares: reasoning {figures['token_shares']['reasoning']:.1%}, tool calls "
+          f"{figures['token_shares']['tool_call']:.1%}, tool results {figures['token_shares']['tool_result']:.1%}; "
+          f"{samples} training samples", flush=True)
     if args.max_length:
         print(f"  longer than {args.max_length}: {figures['over_max_length']}", flush=True)
     if args.histogram:

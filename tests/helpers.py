@@ -142,3 +142,24 @@ def start_server(model_dir, *extra: str):
             raise RuntimeError(Path(log.name).read_text())
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+# --- the data tools in scripts/, run as a user runs them ----------------------------------------------------
+
+
+def tool(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def write(path, records, jsonl: bool = False):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) if jsonl else json.dumps(records))
+    return path
+
+
+def read(path) -> list[dict]:
+    text = path.read_text()
+    return [json.loads(x) for x in text.splitlines()] if str(path).endswith(".jsonl") else json.loads(text)

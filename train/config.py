@@ -15,8 +15,8 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from data.templates import TEMPLATE_NAMES
 from data.samples import REASONING_HISTORY
+from data.templates import TEMPLATE_NAMES
 from data.tokenize import MASKS, OVERFLOW_POLICIES, REASONING_POLICIES
 from train.precision import PrecisionError, parse_bf16_flag
 from train.sharding_config import ConfigError, FSDPSettings, load_ds_config, load_mapping, zero_stage

@@ -7,27 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, read, tool, write
 
 from data.validate import load_conversations
-
-
-def tool(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def write(path, records, jsonl: bool = False):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) if jsonl else json.dumps(records))
-    return path
-
-
-def read(path) -> list[dict]:
-    text = path.read_text()
-    return [json.loads(x) for x in text.splitlines()] if str(path).endswith(".jsonl") else json.loads(text)
 
 
 def conv(cid, *turns, **extra) -> dict:
