@@ -151,10 +151,10 @@ class RunEncoder:
         """(ids, char offsets) per (text, starts_prompt) run."""
         return [(e.ids, e.offsets) for e in self.encode_runs_raw(runs)]
 
-    def encode_text(self, text: str) -> list[int]:
-        """Encode a whole template-style string (added tokens are control tokens), no auto specials."""
+    def encode_text(self, text: str, at_start: bool = True) -> list[int]:
+        """Encode a whole template-style string (added tokens are control tokens), no auto specials; `at_start`
+        False: as a continuation of a prompt (no word-boundary prefix)."""
         ids: list[int] = []
-        at_start = True
         for part, special_id in self.split_specials(text):
             if special_id is not None:
                 ids.append(special_id)

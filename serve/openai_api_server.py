@@ -4,6 +4,9 @@
 
 Endpoints: GET /v1/models, GET /health, POST /v1/chat/completions (streaming SSE or not), POST /v1/completions.
 Honours temperature, top_p, max_tokens, stop, n, seed, repetition_penalty; reports token usage.
+Tools as OpenAI has them: `tools` and `tool_choice` (auto, none, required, a named function) are rendered with the
+training template; the reply comes back as `tool_calls` (finish_reason "tool_calls"; streamed as OpenAI streams
+them) and `reasoning_content` beside `content` (serve/tool_parsing.py). Malformed model output stays content.
 
 Built to face real clients:
 - every input is bounded (body size → 413; messages, prompt tokens, stop strings, n → 400 naming the limit;
@@ -32,9 +35,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from data.tokenize import encode_prompt
+from data.tokenizer import run_encoder
 from serve.batching import BatchEngine, Ticket
 from serve.generation import GenerationResult, SamplingParams
 from serve.loading import LoadedModel, ServeLoadError, add_model_args, load_from_args
+from serve.tool_parsing import (
+    StreamParser,
+    ToolRequestError,
+    call_format,
+    forced_call_prefix,
+    parse_reply,
+    request_messages,
+    request_tools,
+)
 
 
 @dataclass(frozen=True)
@@ -112,36 +125,22 @@ def fit_to_context(params: SamplingParams, prompt_tokens: int, loaded: LoadedMod
 
 
 def chat_messages(body: dict, limits: Limits) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RequestError("'messages' must be a non-empty list", "messages")
-    if len(msgs) > limits.max_messages:
-        raise RequestError(f"'messages' has {len(msgs)} entries; at most {limits.max_messages} are allowed", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise RequestError(f"messages[{i}] must be an object", "messages")
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}].role must be system, user or assistant, got {role!r}", "messages")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise RequestError(f"messages[{i}].content parts must all be text", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string", "messages")
-        if role == "system" and i != 0:
-            raise RequestError(f"messages[{i}]: a system message may only come first", "messages")
-        out.append({"role": role, "content": content})
-    body_start = 1 if out[0]["role"] == "system" else 0
-    for j, m in enumerate(out[body_start:]):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise RequestError(f"messages[{body_start + j}] must be a {expected} message (turns alternate, starting "
-                               "with the user)", "messages")
-    if out[-1]["role"] != "user":
-        raise RequestError("the last message must be from the user", "messages")
-    return out
+    try:
+        return request_messages(body.get("messages"), limits.max_messages)
+    except ToolRequestError as e:
+        raise RequestError(str(e), e.param) from None
+
+
+@dataclass
+class ChatTools:
+    """What a chat request asked of tools, and how its replies are read back."""
+
+    tools: list[dict] | None = None
+    forced_prefix: str = ""  # a named tool_choice: the reply starts with this call's opening
+
+    @property
+    def known(self) -> set[str] | None:
+        return {t["function"]["name"] for t in self.tools} if self.tools else None
 
 
 class Service:
@@ -282,12 +281,21 @@ def create_app(service: Service, api_keys: list[str] | None = None):
     def sse(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+    tok0 = service.loaded.tokenizer
+    fmt = call_format(service.loaded.template, tok0)
+    think_opened = _prompt_opens_think(service.loaded.template, tok0)
+
     async def prepare(request: Request, chat: bool):
-        """Body → (body, prompt ids, sampling params, the lease of its admitted generations)."""
+        """Body → (body, prompt ids, sampling params, the lease of its admitted generations, its tools)."""
         body = await read_body(request)
         params, n = parse_sampling(body, limits)
+        tools = ChatTools()
         if chat:
             messages = chat_messages(body, limits)
+            try:
+                tools.tools, forced = request_tools(body, fmt)
+            except ToolRequestError as e:
+                raise RequestError(str(e), e.param) from None
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -298,22 +306,29 @@ def create_app(service: Service, api_keys: list[str] | None = None):
         try:
             tok = service.loaded.tokenizer
             if chat:
-                ids = await run_in_threadpool(encode_prompt, messages, tok, service.loaded.template)
+                template = service.loaded.template
+                ids = await run_in_threadpool(encode_prompt, messages, tok, template, tools.tools,
+                                              False if forced else None)
+                if forced:  # the reply must call this function: it begins with the call's opening, as trained
+                    tools.forced_prefix = forced_call_prefix(template, tok, forced, tools.tools)
+                    ids = ids + run_encoder(tok).encode_text(tools.forced_prefix, at_start=False)
             else:
                 ids = await run_in_threadpool(lambda: tok(prompt).input_ids)
             params = fit_to_context(params, len(ids), service.loaded, limits, "messages" if chat else "prompt", chat)
         except BaseException:
             lease.close()
             raise
-        return body, ids, params, lease
+        return body, ids, params, lease, tools
 
-    def streaming(kind: str, rid: str, ids: list[int], params: SamplingParams, lease: Lease) -> StreamingResponse:
+    def streaming(kind: str, rid: str, ids: list[int], params: SamplingParams, lease: Lease,
+                  tools: ChatTools | None = None) -> StreamingResponse:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(index: int, delta: str | None, finish: str | None, role: bool = False) -> dict:
+        def chunk(index: int, delta: str | dict | None, finish: str | None, role: bool = False) -> dict:
             if kind == "chat":
-                d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                d = {"role": "assistant", "content": ""} if role else \
+                    (delta if isinstance(delta, dict) else {"content": delta} if delta is not None else {})
                 choice = {"index": index, "delta": d, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish}
@@ -326,20 +341,38 @@ def create_app(service: Service, api_keys: list[str] | None = None):
             # http.disconnect), and the lease cancels the generations, so no slot is held by a dead client.
             try:
                 queue = lease.start(ids, params)
+                parsers = []
                 if kind == "chat":
                     for i in range(n):
                         yield sse(chunk(i, None, None, role=True))
+                        parsers.append(StreamParser(fmt, tools.known, think_opened))
+                        parsers[i].feed(tools.forced_prefix)
                 pending = n
                 while pending:
                     i, what, payload = await queue.get()
                     if what == "delta":
-                        yield sse(chunk(i, payload, None))
+                        if kind != "chat":
+                            yield sse(chunk(i, payload, None))
+                        for field, text in parsers[i].feed(payload) if kind == "chat" else []:
+                            yield sse(chunk(i, {field: text}, None))
                     elif what == "error":
                         yield sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
                         return
                     else:
                         pending -= 1
-                        yield sse(chunk(i, None, payload.finish_reason))
+                        finish = payload.finish_reason
+                        if kind == "chat":
+                            events, calls = parsers[i].finish()
+                            for field, text in events:
+                                yield sse(chunk(i, {field: text}, None))
+                            for k, call in enumerate(calls):  # OpenAI's shape: name first, then the arguments
+                                head = {"index": k, "id": call["id"], "type": "function",
+                                        "function": {"name": call["function"]["name"], "arguments": ""}}
+                                yield sse(chunk(i, {"tool_calls": [head]}, None))
+                                yield sse(chunk(i, {"tool_calls": [{"index": k, "function": {
+                                    "arguments": call["function"]["arguments"]}}]}, None))
+                            finish = "tool_calls" if calls else finish
+                        yield sse(chunk(i, None, finish))
                 final = {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [],
                          "usage": usage(len(ids), [t.result for t in lease.tickets])}
                 yield sse(final)
@@ -374,19 +407,27 @@ def create_app(service: Service, api_keys: list[str] | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body, ids, params, lease = await prepare(request, chat=True)
+        body, ids, params, lease, tools = await prepare(request, chat=True)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if body.get("stream"):
-            return streaming("chat", rid, ids, params, lease)
+            return streaming("chat", rid, ids, params, lease, tools)
         results = await complete(request, ids, params, lease)
+        choices = []
+        for i, r in enumerate(results):
+            parsed = parse_reply(tools.forced_prefix + r.text, fmt, tools.known, think_opened)
+            message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
+            if parsed.reasoning is not None:
+                message["reasoning_content"] = parsed.reasoning
+            if parsed.tool_calls:
+                message["tool_calls"] = parsed.tool_calls
+            choices.append({"index": i, "message": message,
+                            "finish_reason": "tool_calls" if parsed.tool_calls else r.finish_reason})
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": service.model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                             "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-                "usage": usage(len(ids), results)}
+                "choices": choices, "usage": usage(len(ids), results)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body, ids, params, lease = await prepare(request, chat=False)
+        body, ids, params, lease, _ = await prepare(request, chat=False)
         rid = f"cmpl-{secrets.token_hex(12)}"
         if body.get("stream"):
             return streaming("text", rid, ids, params, lease)
@@ -397,6 +438,17 @@ def create_app(service: Service, api_keys: list[str] | None = None):
                 "usage": usage(len(ids), results)}
 
     return app
+
+
+def _prompt_opens_think(template: str, tokenizer) -> bool:
+    """Does the generation prompt already open a think block (QwQ)? Then the reply starts inside it."""
+    from data.templates import render_text
+
+    try:
+        prompt = render_text([{"role": "user", "content": "x"}], template, tokenizer, add_generation_prompt=True)
+    except ValueError:
+        return False
+    return prompt.rstrip().endswith("<think>")
 
 
 def main(argv: list[str] | None = None) -> int:
