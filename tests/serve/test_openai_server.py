@@ -227,3 +227,38 @@ def test_dropped_clients_free_their_slots_and_sigterm_exits_cleanly(long_model):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tools_are_rendered_and_malformed_calls_stay_content(server):
+    """A chatml model has no tool-call format (400 naming 'tools'); served with the qwen2.5 template, a named
+    tool_choice makes the reply start with the call's opening, and a random model's malformed arguments come back
+    as plain content with a normal finish_reason, streamed or not — never a 500."""
+    base, out = server
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "2+2?"}]
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": msgs, "tools": tools}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    proc, qwen = start_server(out, "--conv-template", "qwen2.5")
+    try:
+        history = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{\"expr\": \"2+2\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "4"}]
+        for body in ({"messages": msgs, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "calc"}}},
+                     {"messages": history, "tools": tools}):
+            r = httpx.post(f"{qwen}/v1/chat/completions", json={**body, "max_tokens": 8, "temperature": 0}, timeout=120)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            if choice["finish_reason"] == "tool_calls":
+                assert choice["message"]["tool_calls"][0]["function"]["name"] == "calc"
+            else:
+                assert isinstance(choice["message"]["content"], str)
+            if "tool_choice" in body and choice["finish_reason"] != "tool_calls":
+                assert choice["message"]["content"].startswith('<tool_call>\n{"name": "calc", "arguments": ')
+            with httpx.stream("POST", f"{qwen}/v1/chat/completions", timeout=120,
+                              json={**body, "max_tokens": 8, "temperature": 0, "stream": True}) as s:
+                lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
