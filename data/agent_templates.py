@@ -225,3 +225,102 @@ def llama31(messages: list[dict], add_generation_prompt: bool, tools=None, think
     if add_generation_prompt:
         pieces.append(Piece("<|start_header_id|>assistant<|end_header_id|>\n\n", HEADER, "template"))
     return pieces
+
+
+# --- the same three as Jinja, for exported tokenizers (`chat_template`) ----------------------------------------------
+# Our own sources (written for chattune, not copied): the published templates' output for OpenAI-style messages
+# (`reasoning_content`, `tool_calls` with arguments as an object or a JSON string, `tool` messages), which is what
+# the renderers above produce from normalized ones. tests/data/test_agent_export.py proves ids equal training's.
+
+
+def _q(text: str) -> str:
+    return repr(text)
+
+
+_JINJA_ARGS = "(f.arguments if f.arguments is string else f.arguments | tojson)"
+_JINJA_TOOL_RESULT = (
+    "{%- elif m.role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- " + _q("\n<tool_response>\n") + " + m.content + " + _q("\n</tool_response>") + " -}}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- " + _q("<|im_end|>\n") + " -}}{%- endif -%}"
+)
+
+
+def _jinja_hermes_system(default: str | None) -> str:
+    with_default = "{%- else -%}{{- " + _q(default + "\n\n") + " -}}" if default else ""
+    plain_default = ("{%- else -%}{{- " + _q(f"<|im_start|>system\n{default}<|im_end|>\n") + " -}}") if default else ""
+    return (
+        "{%- if tools -%}{{- " + _q("<|im_start|>system\n") + " -}}"
+        "{%- if messages[0].role == 'system' -%}{{- messages[0].content + " + _q("\n\n") + " -}}" + with_default + "{%- endif -%}"
+        "{{- " + _q(HERMES_TOOLS_HEAD) + " -}}{%- for t in tools -%}{{- " + _q("\n") + " + (t | tojson) -}}{%- endfor -%}"
+        "{{- " + _q(HERMES_TOOLS_TAIL) + " -}}"
+        "{%- elif messages[0].role == 'system' -%}{{- " + _q("<|im_start|>system\n") + " + messages[0].content + "
+        + _q("<|im_end|>\n") + " -}}" + plain_default + "{%- endif -%}"
+    )
+
+
+JINJA_QWEN25 = (
+    _jinja_hermes_system(QWEN_DEFAULT_SYSTEM)
+    + "{%- for m in messages -%}{%- if m.role == 'system' and loop.first -%}" + _JINJA_TOOL_RESULT
+    + "{%- elif m.role != 'assistant' -%}{{- '<|im_start|>' + m.role + " + _q("\n") + " + m.content + "
+    + _q("<|im_end|>\n") + " -}}"
+    "{%- else -%}{%- set r = m.reasoning_content if m.reasoning_content is defined and m.reasoning_content else '' -%}"
+    "{%- set text = (" + _q(INLINE_THINK[0]) + " + r + " + _q(INLINE_THINK[1]) + " if r else '') + (m.content if m.content else '') -%}"
+    "{%- if not m.tool_calls -%}{{- " + _q("<|im_start|>assistant\n") + " + text + '<|im_end|>' + " + _q("\n") + " -}}"
+    "{%- else -%}{{- '<|im_start|>assistant' -}}{%- if text -%}{{- " + _q("\n") + " + text -}}{%- endif -%}"
+    "{%- for c in m.tool_calls -%}{%- set f = c.function -%}"
+    "{{- " + _q('\n<tool_call>\n{"name": "') + " + f.name + " + _q('", "arguments": ') + " + " + _JINJA_ARGS + " + "
+    + _q("}\n</tool_call>") + " -}}{%- endfor -%}{{- " + _q("<|im_end|>\n") + " -}}{%- endif -%}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- " + _q("<|im_start|>assistant\n") + " -}}{%- endif -%}"
+)
+
+JINJA_QWEN3 = (
+    _jinja_hermes_system(None)
+    + "{%- set ns = namespace(found=false, last_query=messages|length - 1) -%}"
+    "{%- for m in messages[::-1] -%}{%- if not ns.found and m.role == 'user' and not (m.content.startswith('<tool_response>')"
+    " and m.content.endswith('</tool_response>')) -%}{%- set ns.found = true -%}"
+    "{%- set ns.last_query = messages|length - 1 - loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}{%- if m.role == 'system' and loop.first -%}" + _JINJA_TOOL_RESULT
+    + "{%- elif m.role != 'assistant' -%}{{- '<|im_start|>' + m.role + " + _q("\n") + " + m.content + "
+    + _q("<|im_end|>\n") + " -}}"
+    "{%- else -%}{%- set content = m.content if m.content else '' -%}"
+    "{%- if m.reasoning_content is defined and m.reasoning_content is not none -%}{%- set reasoning = m.reasoning_content -%}"
+    "{%- elif '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip(" + _q("\n") + ").split('<think>')[-1].lstrip(" + _q("\n") + ") -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip(" + _q("\n") + ") -%}"
+    "{%- else -%}{%- set reasoning = '' -%}{%- endif -%}"
+    "{{- " + _q("<|im_start|>assistant\n") + " -}}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}"
+    "{%- if reasoning.strip(" + _q("\n") + ") -%}{{- " + _q("<think>\n") + " + reasoning.strip(" + _q("\n") + ") + "
+    + _q("\n</think>\n\n") + " -}}{%- else -%}{{- " + _q(EMPTY_THINK) + " -}}{%- endif -%}"
+    "{{- content.lstrip(" + _q("\n") + ") -}}{%- else -%}{{- content -}}{%- endif -%}"
+    "{%- for c in (m.tool_calls if m.tool_calls else []) -%}{%- set f = c.function -%}"
+    "{%- if (loop.first and content) or not loop.first -%}{{- " + _q("\n") + " -}}{%- endif -%}"
+    "{{- " + _q('<tool_call>\n{"name": "') + " + f.name + " + _q('", "arguments": ') + " + " + _JINJA_ARGS + " + "
+    + _q("}\n</tool_call>") + " -}}{%- endfor -%}{{- " + _q("<|im_end|>\n") + " -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- " + _q("<|im_start|>assistant\n") + " -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- " + _q(EMPTY_THINK) + " -}}{%- endif -%}{%- endif -%}"
+)
+
+JINJA_LLAMA31 = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- if messages[0].role == 'system' -%}{%- set system = messages[0].content | trim -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set system = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{- " + _q("<|start_header_id|>system<|end_header_id|>\n\n") + " -}}"
+    "{%- if tools -%}{{- " + _q("Environment: ipython\n") + " -}}{%- endif -%}"
+    "{{- " + _q(LLAMA31_DATE) + " + system + '<|eot_id|>' -}}"
+    "{%- if tools -%}{{- " + _q("<|start_header_id|>user<|end_header_id|>\n\n" + LLAMA31_TOOLS_USER) + " -}}"
+    "{%- for t in tools -%}{{- (t | tojson(indent=4)) + " + _q("\n\n") + " -}}{%- endfor -%}"
+    "{{- (loop_messages[0].content | trim) + '<|eot_id|>' -}}{%- set loop_messages = loop_messages[1:] -%}{%- endif -%}"
+    "{%- for m in loop_messages -%}"
+    "{%- if m.role == 'tool' or m.role == 'ipython' -%}{{- " + _q("<|start_header_id|>ipython<|end_header_id|>\n\n")
+    + " + (m.content | tojson) + '<|eot_id|>' -}}"
+    "{%- elif m.tool_calls -%}{%- set f = m.tool_calls[0].function -%}"
+    "{{- " + _q('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "') + " + f.name + "
+    + _q('", "parameters": ') + " + " + _JINJA_ARGS + " + '}<|eot_id|>' -}}"
+    "{%- else -%}{{- '<|start_header_id|>' + m.role + " + _q("<|end_header_id|>\n\n") + " -}}"
+    "{%- if m.role == 'assistant' and m.reasoning_content is defined and m.reasoning_content -%}"
+    "{{- " + _q(INLINE_THINK[0]) + " + m.reasoning_content + " + _q(INLINE_THINK[1]) + " + m.content.rstrip() -}}"
+    "{%- else -%}{{- m.content | trim -}}{%- endif -%}{{- '<|eot_id|>' -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- " + _q("<|start_header_id|>assistant<|end_header_id|>\n\n") + " -}}{%- endif -%}"
+)

@@ -270,6 +270,13 @@ JINJA_TEMPLATES: dict[str, str] = {
 }
 
 
+JINJA_TEMPLATES.update({"qwen2.5": agent_templates.JINJA_QWEN25, "qwen3": agent_templates.JINJA_QWEN3,
+                        "llama-3.1": agent_templates.JINJA_LLAMA31})
+# 2023-style templates use only plain Jinja; these three use what the published templates they mirror use
+# (tojson, namespace, string methods), which llama.cpp's and vLLM's Jinja implement too
+AGENT_JINJA = frozenset({"qwen2.5", "qwen3", "llama-3.1"})
+
+
 def jinja_chat_template(template: str, tokenizer=None) -> str:
     """The Jinja `chat_template` equivalent of a template name (the tokenizer's own for 'tokenizer')."""
     if template == "tokenizer":

@@ -268,3 +268,26 @@ def test_templates_without_a_tool_format_refuse_tool_records_with_a_reason(token
     parallel["messages"].insert(3, {"role": "tool", "content": "2", "tool_call_id": "b"})
     (res,) = tokenize_batch([parallel], tokenizers["llama-bpe"], "llama-3.1")
     assert not res.samples and "one tool call per assistant turn" in res.dropped[0]
+
+
+@pytest.mark.parametrize("template", ["qwen2.5", "qwen3", "llama-3.1"])
+def test_exported_chat_template_gives_training_ids_for_tools_and_reasoning(template, published):
+    """The exported tokenizer's chat_template, called as runtimes call it (OpenAI-style messages with
+    `reasoning_content`, `tool_calls`, `tool` results and `tools=`), gives exactly training's prompt ids."""
+    from data.tokenize import encode_prompt, export_chat_template
+
+    tok = copy.copy(published[template])
+    tok.chat_template = None
+    exported = export_chat_template(template, tok)
+    runtime = copy.copy(tok)
+    runtime.chat_template = exported
+    for rec in conversations(template, count=12, seed=6):
+        msgs, tools = rec["messages"], rec["tools"]
+        for t in range(1, len(msgs) + 1):
+            if msgs[t - 1]["role"] == "assistant" or not any(m["role"] == "user" for m in msgs[:t]):
+                continue  # prompts end in a user turn or a tool result
+            for thinking in (None, False) if template == "qwen3" else (None,):
+                kw = {} if thinking is None else {"enable_thinking": thinking}
+                got = runtime.apply_chat_template(openai_messages(msgs[:t], True), tools=tools, tokenize=True,
+                                                  add_generation_prompt=True, return_dict=False, **kw)
+                assert got == encode_prompt(msgs[:t], tok, template, tools=tools, thinking=thinking)
