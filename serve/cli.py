@@ -21,6 +21,7 @@ from data.tokenize import encode_prompt
 from data.validate import normalize_row
 from serve.generation import GenerationResult, SamplingParams, stream_generate
 from serve.loading import LoadedModel, ServeLoadError, add_model_args, load_from_args
+from serve.tool_parsing import StreamParser, prompt_opens_think
 
 END_OF_MESSAGE = " __END_OF_A_MESSAGE_47582648__"
 
@@ -47,8 +48,13 @@ class SimpleIO:
     def start_reply(self, role: str) -> None:
         print(f"{role}: ", end="", flush=True)
 
-    def write(self, delta: str) -> None:
+    def write(self, delta: str, reasoning: bool = False) -> None:
+        if reasoning and sys.stdout.isatty():
+            delta = f"\033[2m{delta}\033[0m"  # dimmed, as a thought
         print(delta, end="", flush=True)
+
+    def end_thinking(self) -> None:
+        print(flush=True)
 
     def end_reply(self, text: str) -> None:
         print(flush=True)
@@ -89,7 +95,7 @@ class RichIO(SimpleIO):
         super().__init__(multiline)
         self.console = Console()
         self._live = None
-        self._text = ""
+        self._text = self._thought = ""
         self._session = None
         if sys.stdin.isatty():  # line editing and up-arrow history, as FastChat's rich style has
             from prompt_toolkit import PromptSession
@@ -110,15 +116,24 @@ class RichIO(SimpleIO):
         from rich.markdown import Markdown
 
         self.console.print(f"[bold]{role}:[/]")
-        self._text = ""
+        self._text = self._thought = ""
         self._live = Live(Markdown(""), console=self.console, refresh_per_second=8)
         self._live.start()
 
-    def write(self, delta: str) -> None:
+    def write(self, delta: str, reasoning: bool = False) -> None:
+        from rich.console import Group
         from rich.markdown import Markdown
+        from rich.text import Text
 
-        self._text += delta
-        self._live.update(Markdown(self._text))
+        if reasoning:
+            self._thought += delta
+        else:
+            self._text += delta
+        parts = [Text(self._thought, style="dim italic")] if self._thought else []
+        self._live.update(Group(*parts, Markdown(self._text)))
+
+    def end_thinking(self) -> None:
+        pass
 
     def end_reply(self, text: str) -> None:
         if self._live is not None:
@@ -162,8 +177,22 @@ def trim_to_context(loaded: LoadedModel, messages: list[dict], max_new_tokens: i
         dropped += 2
 
 
+def show_reply(io: SimpleIO, events, shown: list[str], thought: list[str], visible_thought: bool) -> None:
+    """Write a reply's (field, text) events: reasoning dimmed (if shown at all), then the content."""
+    for field, text in events:
+        if field == "reasoning_content":
+            thought.append(text)
+            if visible_thought:
+                io.write(text, reasoning=True)
+            continue
+        if thought and not shown and visible_thought:
+            io.end_thinking()
+        io.write(text)
+        shown.append(text)
+
+
 def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system: str | None, no_history: bool,
-              debug: bool) -> int:
+              debug: bool, hide_reasoning: bool = False) -> int:
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     roles = ("USER", "ASSISTANT")
     while True:
@@ -232,20 +261,27 @@ def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system:
         io.start_reply(roles[1])
         t0 = time.perf_counter()
         shown: list[str] = []  # what reached the screen: the turn kept if Ctrl-C lands mid-reply
+        thought: list[str] = []  # the reply's reasoning, shown dimmed (or not: --hide-reasoning), kept in the history
+        parser = StreamParser(None, None, prompt_opens_think(loaded.template, loaded.tokenizer))
+
+        visible_thought = not hide_reasoning and not isinstance(io, ProgrammaticIO)
         with ReplyInterrupt() as interrupt:
             for delta in stream_generate(loaded.model, loaded.tokenizer, ids, params, loaded.stop_token_ids, result):
-                io.write(delta)
-                shown.append(delta)
+                show_reply(io, parser.feed(delta), shown, thought, visible_thought)
                 if interrupt.hit:
                     break
+        show_reply(io, parser.finish()[0], shown, thought, visible_thought)
         io.end_reply("".join(shown))
         if interrupt.hit:
-            if not shown:  # no reply to keep; an unanswered user turn would break the turn order
+            if not shown and not thought:  # no reply to keep; an unanswered user turn would break the turn order
                 messages.pop()
                 io.notice("reply interrupted before any text; your message was removed")
                 continue
             io.notice("reply interrupted")
-        messages.append({"role": "assistant", "content": "".join(shown)})
+        reply = {"role": "assistant", "content": "".join(shown)}
+        if "".join(thought).strip():
+            reply["reasoning"] = "".join(thought)
+        messages.append(reply)
         if debug:
             dt = time.perf_counter() - t0
             io.notice(f"{result.completion_tokens} tokens in {dt:.2f} s ({result.completion_tokens / max(dt, 1e-9):.1f} tok/s), "
@@ -266,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style", choices=["simple", "rich", "programmatic"], default="simple")
     p.add_argument("--multiline", action="store_true", help="multi-line input (simple style)")
     p.add_argument("--debug", action="store_true", help="print the rendered prompt and tokens/s")
+    p.add_argument("--hide-reasoning", action="store_true",
+                   help="do not show the model's reasoning (a leading <think> block; shown dimmed by default)")
     args = p.parse_args(argv)
     params = SamplingParams(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed)
     try:
@@ -284,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     io = {"simple": SimpleIO, "rich": RichIO, "programmatic": ProgrammaticIO}[args.style](args.multiline)
     if args.style != "programmatic":
         print(f"[{loaded.kind} model from {loaded.source}, template {loaded.template}; !!exit to quit]", flush=True)
-    return chat_loop(loaded, io, params, args.conv_system_msg, args.no_history, args.debug)
+    return chat_loop(loaded, io, params, args.conv_system_msg, args.no_history, args.debug, args.hide_reasoning)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from serve.tool_parsing import (
     call_format,
     forced_call_prefix,
     parse_reply,
+    prompt_opens_think,
     request_messages,
     request_tools,
 )
@@ -283,7 +284,7 @@ def create_app(service: Service, api_keys: list[str] | None = None):
 
     tok0 = service.loaded.tokenizer
     fmt = call_format(service.loaded.template, tok0)
-    think_opened = _prompt_opens_think(service.loaded.template, tok0)
+    think_opened = prompt_opens_think(service.loaded.template, tok0)
 
     async def prepare(request: Request, chat: bool):
         """Body → (body, prompt ids, sampling params, the lease of its admitted generations, its tools)."""
@@ -438,17 +439,6 @@ def create_app(service: Service, api_keys: list[str] | None = None):
                 "usage": usage(len(ids), results)}
 
     return app
-
-
-def _prompt_opens_think(template: str, tokenizer) -> bool:
-    """Does the generation prompt already open a think block (QwQ)? Then the reply starts inside it."""
-    from data.templates import render_text
-
-    try:
-        prompt = render_text([{"role": "user", "content": "x"}], template, tokenizer, add_generation_prompt=True)
-    except ValueError:
-        return False
-    return prompt.rstrip().endswith("<think>")
 
 
 def main(argv: list[str] | None = None) -> int:

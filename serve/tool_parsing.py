@@ -120,6 +120,17 @@ def _partial_suffix(text: str, tag: str, space: str = "") -> int:
     return k
 
 
+def prompt_opens_think(template: str, tokenizer) -> bool:
+    """Does the generation prompt already open a think block (QwQ)? Then the reply starts inside it."""
+    from data.templates import render_text
+
+    try:
+        prompt = render_text([{"role": "user", "content": "x"}], template, tokenizer, add_generation_prompt=True)
+    except ValueError:
+        return False
+    return prompt.rstrip().endswith("<think>")
+
+
 class StreamParser:
     """Incremental `parse_reply`: `feed(delta)` → [(field, text)] with field "reasoning_content" or "content";
     `finish()` → (the last such events, tool calls). Held-back text is released once it cannot start a call."""

@@ -95,3 +95,18 @@ def test_request_messages_and_tools_are_checked_with_the_parameter_named():
         with pytest.raises(ToolRequestError) as err:
             request_tools(body, fmt)
         assert err.value.param == param
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_cli_shows_reasoning_apart_from_the_reply_or_hides_it(visible, capsys):
+    from serve.cli import SimpleIO, show_reply
+
+    io, shown, thought = SimpleIO(), [], []
+    parser = StreamParser(None, None)
+    text = "<think>\nweigh it\n</think>\n\nThe reply."
+    for k in range(0, len(text), 4):
+        show_reply(io, parser.feed(text[k:k + 4]), shown, thought, visible)
+    show_reply(io, parser.finish()[0], shown, thought, visible)
+    out = capsys.readouterr().out
+    assert "".join(shown) == "The reply." and "".join(thought) == "weigh it"
+    assert out == ("weigh it\nThe reply." if visible else "The reply.")  # the thought on its own line, then the reply
