@@ -5,6 +5,9 @@
 
 Generates a ShareGPT file of multi-turn conversations (system prompts, unicode, code blocks,
 whitespace and role words inside content), then in one run times:
+  * tools + reasoning vs plain chat (`--tools-template`, default qwen3, on the Qwen2 tokenizer): agent traces (tools,
+    parallel calls, results, reasoning; Qwen3 turns the conversations into several samples) against plain chat
+    conversations of about the same number of tokens, the same template and tokenizer: tokens/s and their ratio
   * chattune: tokenize_batch (vicuna_v1.1, max_length 2048), single process, from normalized records
   * chattune end to end: read + validate + tokenize from the file
   * FastChat 0.2.36 `fastchat.train.train.preprocess` (vicuna_v1.1), the same tokenizer
@@ -53,6 +56,70 @@ def make_conversation(rng: random.Random, i: int) -> dict:
     if rng.random() < 0.3:
         rec["system"] = "You are a careful assistant."
     return rec
+
+
+TOOLS = [{"type": "function", "function": {"name": n, "description": d, "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}}}}
+    for n, d in (("search", "Search the web"), ("calc", "Evaluate arithmetic"), ("weather", "Weather in a city"))]
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_agent_conversation(rng: random.Random, i: int) -> dict:
+    """A normalized record: 1-4 user turns, each answered after 0-2 tool steps (1-2 parallel calls, their
+    results), reasoning on about half of the assistant turns."""
+    msgs = [{"role": "system", "content": "You are a careful assistant."}]
+    n = 0
+    for _ in range(rng.randint(1, 4)):
+        msgs.append({"role": "user", "content": _words(rng, 5, 60)})
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            calls = [{"id": f"c{(n := n + 1)}", "type": "function",
+                      "function": {"name": rng.choice(TOOLS)["function"]["name"], "arguments": {"q": _words(rng, 1, 6)}}}
+                     for _ in range(rng.choice([1, 1, 2]))]
+            step = {"role": "assistant", "content": "", "tool_calls": calls}
+            if rng.random() < 0.5:
+                step["reasoning"] = _words(rng, 10, 60)
+            msgs.append(step)
+            msgs += [{"role": "tool", "content": _words(rng, 5, 80), "tool_call_id": c["id"]} for c in calls]
+        reply = {"role": "assistant", "content": _words(rng, 5, 120)}
+        if rng.random() < 0.5:
+            reply["reasoning"] = _words(rng, 10, 80)
+        msgs.append(reply)
+    return {"id": f"agent-{i}", "messages": msgs, "tools": TOOLS}
+
+
+def tools_vs_plain(args, plain_convs: list) -> None:
+    """tokens/s of tool + reasoning traces vs plain chat at about the same token count (same template/tokenizer)."""
+    tok = load_tokenizer(args.tools_tokenizer)
+    run_encoder(tok)
+    rng = random.Random(args.seed + 1)
+    agents = [make_agent_conversation(rng, i) for i in range(args.conversations // 4)]
+    template = args.tools_template
+
+    def run(convs):
+        out = []
+        for i in range(0, len(convs), 256):
+            out += tokenize_batch(convs[i:i + 256], tok, template, args.max_length)
+        return out
+
+    agent_s, agent_res = _median_time(lambda: run(agents), args.repeats)
+    agent_tokens = sum(len(ex.input_ids) for r in agent_res for ex in r.samples)
+    probe = run(plain_convs[:200])  # then as many plain conversations as hold the agent traces' token count
+    per_conv = sum(len(ex.input_ids) for r in probe for ex in r.samples) / 200
+    plain = plain_convs[:max(1, round(agent_tokens / per_conv))]
+    plain_s, plain_res = _median_time(lambda: run(plain), args.repeats)
+    plain_tokens = sum(len(ex.input_ids) for r in plain_res for ex in r.samples)
+    samples = sum(len(r.samples) for r in agent_res)
+    print(f"\ntools + reasoning vs plain chat ({template}, {args.tools_tokenizer}, median of {args.repeats} runs):")
+    print(f"{'pipeline':<34}{'conversations':>14}{'samples':>9}{'tokens':>10}{'seconds':>9}{'tokens/s':>10}")
+    print(f"{'plain chat':<34}{len(plain):>14}{sum(len(r.samples) for r in plain_res):>9}{plain_tokens:>10}"
+          f"{plain_s:>9.2f}{plain_tokens / plain_s:>10.0f}")
+    print(f"{'tools + reasoning':<34}{len(agents):>14}{samples:>9}{agent_tokens:>10}{agent_s:>9.2f}"
+          f"{agent_tokens / agent_s:>10.0f}")
+    print(f"tools + reasoning / plain chat tokens/s: {(agent_tokens / agent_s) / (plain_tokens / plain_s):.2f}x "
+          f"(goal >= 0.8x)")
 
 
 def _median_time(fn, repeats: int):
@@ -143,6 +210,9 @@ def main() -> None:
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline; the median is reported")
+    ap.add_argument("--tools-template", default="qwen3", help="template of the tools + reasoning row")
+    ap.add_argument("--tools-tokenizer", default="asset:qwen2", help="tokenizer of the tools + reasoning row")
+    ap.add_argument("--tools-only", action="store_true", help="only the tools + reasoning vs plain chat row")
     args = ap.parse_args()
     if args.scale:
         return scale(args)
@@ -157,6 +227,8 @@ def main() -> None:
 
     records, _ = load_conversations(tmp)
     convs = [r["messages"] for r in records]
+    if args.tools_only:
+        return tools_vs_plain(args, convs)
 
     def ours() -> list:
         out = []
@@ -209,6 +281,7 @@ def main() -> None:
     print(f"FastChat silently zeroed samples (all labels -100, no message printed): {fc_zeroed} of {n}")
     print(f"chattune samples dropped (counted, with reasons): {ours_dropped}; "
           f"ids differing from whole-prompt tokenization: {mismatches}")
+    tools_vs_plain(args, convs)
 
 
 if __name__ == "__main__":
