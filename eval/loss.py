@@ -85,6 +85,8 @@ def parse_args(argv):
     p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
                    help="over-length conversations, as training's --truncation (split parts would renumber turns: "
                         "split the data with scripts/split_long_conversation.py instead)")
+    p.add_argument("--reasoning", choices=["train", "mask", "drop"], default=None,
+                   help="assistant reasoning in the loss (default: the training run's --reasoning, else train)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--output", help="write the figures as JSON here (rank 0)")
@@ -93,6 +95,18 @@ def parse_args(argv):
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     return args
+
+
+def _recorded_reasoning(model_path: str) -> str:
+    """The --reasoning policy the model was trained with (chattune.json), else "train"."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_path) / "chattune.json"
+    try:
+        return json.loads(path.read_text()).get("reasoning", "train") if path.is_file() else "train"
+    except (OSError, ValueError):
+        return "train"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             loaded.model.to(info.device)
         max_length = args.max_length or loaded.context_length
         mine = records[info.rank::info.world_size]
-        results = tokenize_batch([r["messages"] for r in mine], loaded.tokenizer, loaded.template, max_length,
-                                 overflow=args.truncation)
+        reasoning = args.reasoning or _recorded_reasoning(args.model_path)
+        results = tokenize_batch(mine, loaded.tokenizer, loaded.template, max_length, overflow=args.truncation,
+                                 reasoning=reasoning)  # records: their tools are rendered as in training
         samples, dropped = [], Counter()
         ids: list[str] = []
         for rec, res in zip(mine, results):

@@ -291,3 +291,15 @@ def test_exported_chat_template_gives_training_ids_for_tools_and_reasoning(templ
                 got = runtime.apply_chat_template(openai_messages(msgs[:t], True), tools=tools, tokenize=True,
                                                   add_generation_prompt=True, return_dict=False, **kw)
                 assert got == encode_prompt(msgs[:t], tok, template, tools=tools, thinking=thinking)
+
+
+def test_a_template_that_never_renders_a_turn_after_its_own_prompt_is_refused_with_the_reason(tokenizers):
+    """DeepSeek-R1-Distill's published template cuts the reasoning out of every reply, the last one included, and
+    its generation prompt opens a think block: no turn can be trained in its inference context. Each such
+    conversation is dropped with that reason (counted), never trained on a context the model will not see."""
+    tok = copy.copy(tokenizers["qwen2"])
+    tok.chat_template = asset_path("template:deepseek-r1").read_text()
+    rec = {"messages": [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello!", "reasoning": "Greet."}], "tools": None}
+    (res,) = tokenize_batch([rec], tok, "tokenizer")
+    assert not res.samples and "does not start with its own generation prompt" in res.dropped[0]
