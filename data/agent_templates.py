@@ -70,8 +70,9 @@ def _hermes_system(messages: list[dict], tools, default: str | None) -> list[Pie
             pieces += [Piece(messages[0]["content"], 0, "content"), Piece("\n\n", 0, "template")]
         elif default:
             pieces.append(Piece(default + "\n\n", HEADER, "template"))
-        tool_text = "".join("\n" + tojson(t) for t in tools)
-        return pieces + [Piece(HERMES_TOOLS_HEAD + tool_text + HERMES_TOOLS_TAIL, owner, "template")]
+        tool_text = "".join("\n" + tojson(t) for t in tools)  # data: never parsed for special tokens
+        return pieces + [Piece(HERMES_TOOLS_HEAD, owner, "template"), Piece(tool_text, owner, "content"),
+                         Piece(HERMES_TOOLS_TAIL, owner, "template")]
     if has_system:
         return [Piece("<|im_start|>system\n", 0, "template"), Piece(messages[0]["content"], 0, "content"),
                 Piece("<|im_end|>\n", 0, "template")]
@@ -200,7 +201,8 @@ def llama31(messages: list[dict], add_generation_prompt: bool, tools=None, think
             raise TemplateError("llama-3.1 puts tools in the first user turn, and there is none")
         first = rest.pop(0)
         tool_text = "".join(tojson(t, indent=4) + "\n\n" for t in tools)
-        pieces += [Piece("<|start_header_id|>user<|end_header_id|>\n\n" + LLAMA31_TOOLS_USER + tool_text, first, "template"),
+        pieces += [Piece("<|start_header_id|>user<|end_header_id|>\n\n" + LLAMA31_TOOLS_USER, first, "template"),
+                   Piece(tool_text, first, "content"),  # data: never parsed for special tokens
                    Piece(messages[first]["content"].strip(), first, "content"), Piece("<|eot_id|>", first, "template")]
     for i in rest:
         m = messages[i]

@@ -309,8 +309,8 @@ def create_app(service: Service, api_keys: list[str] | None = None):
             if chat:
                 template = service.loaded.template
                 ids = await run_in_threadpool(encode_prompt, messages, tok, template, tools.tools,
-                                              False if forced else None)
-                if forced:  # the reply must call this function: it begins with the call's opening, as trained
+                                              False if forced is not None else None)
+                if forced is not None:  # the reply must call (this) function: it begins with a call's opening
                     tools.forced_prefix = forced_call_prefix(template, tok, forced, tools.tools)
                     ids = ids + run_encoder(tok).encode_text(tools.forced_prefix, at_start=False)
             else:

@@ -282,8 +282,9 @@ def request_messages(msgs: list, max_messages: int) -> list[dict]:
 
 
 def request_tools(body: dict, fmt: str | None) -> tuple[list[dict] | None, str | None]:
-    """(the tools to render, the function the reply must call) from `tools` and `tool_choice` ("auto", "none",
-    "required" or {"type": "function", "function": {"name"}}). "none" renders no tools and parses no calls."""
+    """(the tools to render, the function the reply must call: None for no constraint, "" for any) from `tools` and
+    `tool_choice` ("auto", "none", "required" or {"type": "function", "function": {"name"}}). "none" renders no
+    tools and parses no calls."""
     from data.toolcalls import Bad, parse_tools
 
     if body.get("tools") is None:
@@ -299,8 +300,10 @@ def request_tools(body: dict, fmt: str | None) -> tuple[list[dict] | None, str |
     choice = body.get("tool_choice", "auto")
     if choice == "none":
         return None, None
-    if choice in ("auto", "required"):
+    if choice == "auto":
         return tools, None
+    if choice == "required":
+        return tools, ""  # a call, to a function the model picks
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     declared = [t for t in tools or [] if t["function"]["name"] == name]
     if not declared:
@@ -311,17 +314,19 @@ def request_tools(body: dict, fmt: str | None) -> tuple[list[dict] | None, str |
 
 def forced_call_prefix(template: str, tokenizer, name: str, tools: list[dict]) -> str:
     """The text a reply that calls `name` starts with, up to its arguments (what the model is made to begin with
-    for a named `tool_choice`), rendered by the training template itself."""
+    for a named `tool_choice`; name "": up to the function's name, for "required"), rendered by the training
+    template itself."""
     from data.pieces import OUTPUT_KINDS
     from data.templates import render_pieces
 
+    probe = name or tools[0]["function"]["name"]
     msgs = [{"role": "user", "content": "x"},
             {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "c", "type": "function", "function": {"name": name, "arguments": {}}}]}]
+                {"id": "c", "type": "function", "function": {"name": probe, "arguments": {}}}]}]
     pieces = [p for p in render_pieces(msgs, template, tokenizer, tools=tools) if p.msg == 1 and p.kind in OUTPUT_KINDS]
     prefix = ""
     for p in pieces:
-        if p.kind == "call" and p.text != name:  # the arguments: the model writes them
+        if p.kind == "call" and (not name or p.text != name):  # the name (for "required") or the arguments
             return prefix
         prefix += p.text
     raise ValueError(f"cannot find where the arguments begin in template {template!r}")

@@ -63,6 +63,7 @@ def test_call_formats_and_forced_call_prefix(tokenizers):
     assert call_format("vicuna_v1.1") is None
     assert forced_call_prefix("qwen2.5", None, "calc", tools) == '<tool_call>\n{"name": "calc", "arguments": '
     assert forced_call_prefix("llama-3.1", None, "calc", tools) == '{"name": "calc", "parameters": '
+    assert forced_call_prefix("qwen3", None, "", tools) == '<tool_call>\n{"name": "'  # "required": any function
 
 
 def test_request_messages_and_tools_are_checked_with_the_parameter_named():
@@ -87,6 +88,7 @@ def test_request_messages_and_tools_are_checked_with_the_parameter_named():
     tools = [{"type": "function", "function": {"name": "calc"}}]
     assert request_tools({"tools": tools}, "hermes") == (tools, None)
     assert request_tools({"tools": tools, "tool_choice": "none"}, "hermes") == (None, None)
+    assert request_tools({"tools": tools, "tool_choice": "required"}, "hermes") == (tools, "")
     assert request_tools({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "calc"}}},
                          "hermes") == (tools, "calc")
     for body, fmt, param in [({"tools": tools, "tool_choice": {"function": {"name": "nope"}}}, "hermes", "tool_choice"),
