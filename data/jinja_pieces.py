@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 
 from data.agent_templates import INLINE_THINK, inline_reasoning_text, tojson
@@ -27,6 +28,7 @@ _MARK = "\u2063"  # INVISIBLE SEPARATOR: not whitespace (survives strip/trim), k
 _FIELD_RE = re.compile(_MARK + r"([crna])(\d+)\.(\d+)" + _MARK)
 _KIND = {"c": "content", "r": "reasoning", "n": "call", "a": "call"}
 _CACHE: OrderedDict = OrderedDict()  # renders are reused: sample planning and piece building ask for the same ones
+_LOCK = threading.Lock()
 
 
 def native_reasoning(tokenizer) -> bool:
@@ -36,20 +38,22 @@ def native_reasoning(tokenizer) -> bool:
 
 def apply(tokenizer, messages: list[dict], add_generation_prompt: bool, tools=None, thinking=None) -> str:
     """The template's text for already-prepared messages (see `_prepare`), memoized."""
-    key = (id(tokenizer), tokenizer.chat_template, json.dumps(messages, sort_keys=True), add_generation_prompt,
-           json.dumps(tools, sort_keys=True), thinking)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, json.dumps(messages, sort_keys=True),
+           add_generation_prompt, json.dumps(tools, sort_keys=True), thinking)
+    with _LOCK:  # the server tokenizes in a thread pool
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
     kwargs = {} if thinking is None else {"enable_thinking": thinking}
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                              add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as e:  # jinja raises many types (TemplateError, exceptions from raise_exception())
         raise TemplateError(f"the tokenizer's chat_template failed to render: {e}") from e
-    _CACHE[key] = text
-    if len(_CACHE) > 512:
-        _CACHE.popitem(last=False)
+    with _LOCK:
+        _CACHE[key] = text
+        if len(_CACHE) > 512:
+            _CACHE.popitem(last=False)
     return text
 
 
