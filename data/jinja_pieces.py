@@ -169,6 +169,21 @@ def _align(text: str, probe: str, messages: list[dict], native: bool) -> list[tu
     return segments
 
 
+def _check_unplaced_data(messages: list[dict], tools, specials: re.Pattern | None) -> None:
+    """Tool definitions, call ids and tool names reach a model's own template as they are (templates read their
+    fields), so they are not placeholders: refuse one holding a special-token string, which would render as a
+    control token (a forged turn) instead of text."""
+    if specials is None:
+        return
+    data = [json.dumps(tools or [], ensure_ascii=False)]
+    for m in messages:
+        data += [c["id"] for c in m.get("tool_calls") or []] + [m.get(k) or "" for k in ("tool_call_id", "name")]
+    for text in data:
+        if found := specials.search(text):
+            raise TemplateError(f"a tool definition, call id or tool name holds the special token {found.group()!r}, "
+                                "which the model's own template would render as a control token")
+
+
 def _first_special_end(text: str, specials: re.Pattern | None) -> int:
     m = specials.search(text) if specials else None
     if not m:
@@ -207,6 +222,7 @@ def jinja_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool, t
         raise TemplateError("template 'tokenizer' was chosen but the tokenizer has no chat_template")
     native = native_reasoning(tokenizer)
     specials = run_encoder(tokenizer)._special_re
+    _check_unplaced_data(messages, tools, specials)
     text = render(messages, tokenizer, add_generation_prompt, tools, thinking)
     probe = apply(tokenizer, _prepare(messages, native, True), add_generation_prompt, tools, thinking)
     segments = _align(text, probe, messages, native)

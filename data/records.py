@@ -131,10 +131,13 @@ def to_sharegpt(rid: str, messages: list[dict], tools: list[dict] | None = None)
                 calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
                 turns.append({"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls,
                                                                            ensure_ascii=False), **flag})
-        elif k == 0 or messages[k - 1]["role"] != "tool":  # consecutive results share one observation
-            run = [x["content"] for x in messages[k:]]
-            n = next((j for j, x in enumerate(messages[k:]) if x["role"] != "tool"), len(run))
-            turns.append({"from": "observation", "value": run[0] if n == 1 else json.dumps(run[:n], ensure_ascii=False)})
+        elif k == 0 or messages[k - 1]["role"] != "tool":  # consecutive results share one observation, in the
+            n = next((j for j, x in enumerate(messages[k:]) if x["role"] != "tool"), len(messages) - k)  # calls' order
+            calls = [c["id"] for c in (messages[k - 1].get("tool_calls") or [])] if k else []
+            run = sorted(messages[k:k + n], key=lambda x: calls.index(x["tool_call_id"])
+                         if x.get("tool_call_id") in calls else len(calls))
+            run = [x["content"] for x in run]
+            turns.append({"from": "observation", "value": run[0] if n == 1 else json.dumps(run, ensure_ascii=False)})
     if tools:
         rec["tools"] = json.dumps(tools, ensure_ascii=False)
     return rec

@@ -96,10 +96,10 @@ def supervised_messages(messages: Sequence[dict], mask: Mask) -> set[int]:
     else:
         chosen = set(assistants) if mask == "assistant" else set(range(len(messages)))
     for i, m in enumerate(messages):
-        if m.get("train") is True:
-            chosen.add(i)
-        elif m.get("train") is False or m["role"] == "tool":  # a tool's result is never the model's to learn
+        if m["role"] == "tool" or m.get("train") is False:  # a tool's result is never the model's to learn
             chosen.discard(i)
+        elif m.get("train") is True:
+            chosen.add(i)
     return chosen
 
 

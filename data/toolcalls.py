@@ -128,6 +128,9 @@ def check_tool_flow(msgs: list[dict], tool_names: set[str] | None, allow_undecla
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
             pending = [dict(c) for c in m.get("tool_calls", [])]
+            ids = [c["id"] for c in pending]
+            if len(set(ids)) != len(ids):
+                raise Bad("bad-tool-call", f"message {i}: two tool calls share the id {next(x for x in ids if ids.count(x) > 1)!r}")
             for c in pending:
                 name = c["function"]["name"]
                 if not allow_undeclared and (tool_names is None or name not in tool_names):
@@ -148,6 +151,8 @@ def check_tool_flow(msgs: list[dict], tool_names: set[str] | None, allow_undecla
                 if call is None:
                     raise Bad("unknown-tool-call-id", f"message {i}: tool_call_id {cid!r} matches no call before it "
                               f"(calls: {', '.join(c['id'] for c in pending)})")
+            if "_answered" in call:
+                raise Bad("unknown-tool-call-id", f"message {i}: a second result for tool call {call['id']!r}")
             call["_answered"] = True
             m.setdefault("name", call["function"]["name"])
         elif m["role"] == "user":

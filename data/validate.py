@@ -162,7 +162,7 @@ def _messages_from_sharegpt(rec: dict) -> list[dict]:
         if flag is not None:
             msg["train"] = flag
         out.append(msg)
-    if "tools" in rec:
+    if rec.get("tools") is not None:
         rec["_tools"] = parse_tools(rec["tools"])
     return out
 
@@ -222,13 +222,13 @@ def _messages_from_openai(rec: dict) -> list[dict]:
             raise _Bad("bad-reasoning", f"{where}: {reasoning_keys[0]!r} on a {role} message (only the assistant reasons)")
         if role != "assistant" and (m.get("tool_calls") or m.get("function_call")):
             raise _Bad("bad-tool-call", f"{where}: tool calls on a {role} message (only the assistant calls tools)")
-        if role != "tool" and "tool_call_id" in m:
+        if role != "tool" and m.get("tool_call_id") is not None:
             raise _Bad("bad-field", f"{where}: 'tool_call_id' belongs on a tool message")
         flag = _train_flag(m, where)
         if role == "assistant":
             calls = m.get("tool_calls") or ([{"function": m["function_call"]}] if m.get("function_call") else None)
             content = m.get("content")
-            if calls and (content is None or content == ""):
+            if calls and (content is None or isinstance(content, str) and not content.strip()):
                 msg = {"role": "assistant", "content": ""}
                 if reasoning_keys:
                     msg.update(_assistant("", where, m[reasoning_keys[0]]))
@@ -253,7 +253,7 @@ def _messages_from_openai(rec: dict) -> list[dict]:
         if flag is not None:
             msg["train"] = flag
         out.append(msg)
-    if "tools" in rec:
+    if rec.get("tools") is not None:
         rec["_tools"] = parse_tools(rec["tools"])
     return out
 
@@ -337,7 +337,7 @@ def normalize_row(row: Row, opts: ValidationOptions | None = None, fixes: Counte
             raise _Bad("wrong-format", f"a {found_format} record in a source declared format={opts.expect_format}")
         convert = {"conversations": _messages_from_sharegpt, "messages": _messages_from_openai,
                    "instruction": _messages_from_alpaca}[kinds[0]]
-        if "tools" in rec and kinds[0] == "instruction":
+        if rec.get("tools") is not None and kinds[0] == "instruction":
             raise _Bad("unknown-field", "an Alpaca record cannot declare 'tools'")
         local = Counter()
         rec = dict(rec)

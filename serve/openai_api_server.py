@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the (stri
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from data.pieces import TemplateError
 from data.tokenize import encode_prompt
 from data.tokenizer import run_encoder
 from serve.batching import BatchEngine, Ticket
@@ -316,6 +317,9 @@ def create_app(service: Service, api_keys: list[str] | None = None):
             else:
                 ids = await run_in_threadpool(lambda: tok(prompt).input_ids)
             params = fit_to_context(params, len(ids), service.loaded, limits, "messages" if chat else "prompt", chat)
+        except TemplateError as e:  # e.g. tool history for a template without a tool format, parallel calls for one
+            lease.close()  # that takes one call per turn
+            raise RequestError(f"the model's chat template cannot render these messages: {e}", "messages") from None
         except BaseException:
             lease.close()
             raise

@@ -74,6 +74,15 @@ def _call(name, args, known: set[str] | None) -> dict | None:
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
+def _outside_calls(text: str) -> str:
+    """The text between and after a reply's call blocks, each stretch stripped, one per line."""
+    return "\n".join(part.strip() for part in _HERMES_BLOCK.split(text)[::2] if part.strip())
+
+
+def _join(head: str, tail: str) -> str:
+    return head + ("\n" if head and tail else "") + tail
+
+
 def parse_calls(text: str, fmt: str | None, known: set[str] | None) -> tuple[str, list[dict]]:
     """(content, tool calls) of a reply after its reasoning; ("text", []) whenever anything is malformed."""
     if fmt == "hermes" and HERMES_OPEN in text:
@@ -90,7 +99,8 @@ def parse_calls(text: str, fmt: str | None, known: set[str] | None) -> tuple[str
             if call is None:
                 return text, []
             calls.append(call)
-        return _HERMES_BLOCK.sub("", text).strip(), calls
+        first = text.index(HERMES_OPEN)
+        return _join(text[:first].rstrip(), _outside_calls(text[first:])), calls
     if fmt == "llama-json":
         body = text.strip().removeprefix("<|python_tag|>").strip()
         if body.startswith("{"):
@@ -141,6 +151,7 @@ class StreamParser:
         self.state = "reasoning" if think_opened else "start"  # start → reasoning? → content (→ held)
         self.held = False  # content from here on may be a tool call: keep it until the end
         self.after_think = False
+        self.gap = ""  # whitespace held back before a call's opening tag
         self.reasoned = False  # some reasoning was passed on
         self.content = ""
 
@@ -158,13 +169,13 @@ class StreamParser:
         if self.state == "reasoning":
             if THINK_CLOSE in self.buf:
                 inner, rest = self.buf.split(THINK_CLOSE, 1)
-                inner = inner.rstrip("\n") if self.reasoned else inner.strip("\n")
+                inner = inner.rstrip("\n") if self.reasoned else inner.lstrip().rstrip("\n")
                 if inner:
                     out.append(("reasoning_content", inner))
                 self.buf, self.state, self.after_think = rest.lstrip("\n"), "content", True
             else:
                 if not self.reasoned:
-                    self.buf = self.buf.lstrip("\n")
+                    self.buf = self.buf.lstrip()
                 keep = _partial_suffix(self.buf, THINK_CLOSE, "\n")
                 emit = self.buf[:len(self.buf) - keep]
                 if emit:
@@ -186,7 +197,8 @@ class StreamParser:
         if self.known is not None and self.fmt == "hermes":
             at = self.buf.find(HERMES_OPEN)
             if at >= 0:
-                emit, self.buf, self.held = self.buf[:at].rstrip(), self.buf[at:], True
+                emit = self.buf[:at].rstrip()
+                self.gap, self.buf, self.held = self.buf[len(emit):at], self.buf[at:], True
                 return emit
             # a call's tag may be split across deltas; whitespace before a call is not part of the reply
             keep = _partial_suffix(self.buf, HERMES_OPEN, " \n\t")
@@ -209,10 +221,11 @@ class StreamParser:
         if self.state == "start":
             return ([("content", self.buf)] if self.buf else []), []
         if self.held:
-            content, calls = parse_calls(self.content + self.buf, self.fmt, self.known)
+            content, calls = parse_calls(self.content + self.gap + self.buf, self.fmt, self.known)
             if calls:
-                return [], calls
-            return ([("content", self.buf)] if self.buf else []), []
+                tail = _outside_calls(self.buf) if self.fmt == "hermes" else ""
+                return ([("content", ("\n" if self.content and tail else "") + tail)] if tail else []), calls
+            return ([("content", self.gap + self.buf)] if self.gap + self.buf else []), []
         return ([("content", self.buf)] if self.buf else []), []
 
 
@@ -303,8 +316,11 @@ def request_tools(body: dict, fmt: str | None) -> tuple[list[dict] | None, str |
     if choice == "auto":
         return tools, None
     if choice == "required":
+        if not tools:
+            raise ToolRequestError("'tool_choice' required needs at least one function in 'tools'", "tool_choice")
         return tools, ""  # a call, to a function the model picks
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     declared = [t for t in tools or [] if t["function"]["name"] == name]
     if not declared:
         raise ToolRequestError("'tool_choice' must be auto, none, required or {\"type\": \"function\", \"function\": "

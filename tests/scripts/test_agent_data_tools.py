@@ -28,7 +28,9 @@ def agent_record(rid: str, steps: int = 1) -> dict:
 
 
 def test_convert_round_trips_tools_between_openai_and_sharegpt(tmp_path):
-    src = write(tmp_path / "oai.jsonl", [agent_record("a", 2)], jsonl=True)
+    rec = agent_record("a", 2)
+    rec["messages"][8], rec["messages"][9] = rec["messages"][9], rec["messages"][8]  # results out of call order
+    src = write(tmp_path / "oai.jsonl", [rec], jsonl=True)
     tool("convert.py", "--in-file", src, "--out-file", tmp_path / "sg.json", "--to", "sharegpt")
     (sg,) = read(tmp_path / "sg.json")
     assert [t["from"] for t in sg["conversations"]][:5] == ["human", "gpt", "function_call", "observation", "gpt"]
@@ -38,8 +40,16 @@ def test_convert_round_trips_tools_between_openai_and_sharegpt(tmp_path):
     assert back["messages"][2]["tool_calls"][0]["function"]["arguments"] == json.dumps({"expr": "0+0"})  # OpenAI: a string
     original, _ = load_conversations(src)
     again, _ = load_conversations(tmp_path / "back.jsonl")
-    strip = [{k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")} for m in original[0]["messages"]]
-    assert strip == [{k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")} for m in again[0]["messages"]]
+    def by_call(msgs):  # each result with the call it answers (ShareGPT writes them in the calls' order)
+        ids = {c["id"]: c["function"] for m in msgs for c in m.get("tool_calls", [])}
+        return sorted((json.dumps(ids[m["tool_call_id"]], sort_keys=True), m["content"], m["name"])
+                      for m in msgs if m["role"] == "tool")
+
+    assert by_call(original[0]["messages"]) == by_call(again[0]["messages"])
+    strip = [{k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id", "name")}
+             for m in original[0]["messages"] if m["role"] != "tool"]
+    assert strip == [{k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id", "name")}
+                     for m in again[0]["messages"] if m["role"] != "tool"]
     assert again[0]["tools"] == TOOLS
     proc = tool("convert.py", "--in-file", src, "--out-file", tmp_path / "alp.json", "--to", "alpaca")
     assert "tool calls cannot be written as Alpaca" in proc.stdout

@@ -239,11 +239,13 @@ def test_tools_are_rendered_and_malformed_calls_stay_content(server):
     msgs = [{"role": "user", "content": "2+2?"}]
     r = httpx.post(f"{base}/v1/chat/completions", json={"messages": msgs, "tools": tools}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{\"expr\": \"2+2\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"}]
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": history}, timeout=60)  # no tool format
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "cannot render" in r.text
     proc, qwen = start_server(out, "--conv-template", "qwen2.5")
     try:
-        history = msgs + [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{\"expr\": \"2+2\"}"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "4"}]
         for body in ({"messages": msgs, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "calc"}}},
                      {"messages": msgs, "tools": tools, "tool_choice": "required"},
                      {"messages": history, "tools": tools}):

@@ -28,6 +28,9 @@ CASES = [  # (format, model output, reasoning, content, [(name, arguments)])
     ("hermes", "<tool_call>{not json</tool_call>", None, "<tool_call>{not json</tool_call>", []),
     ("hermes", HERMES_CALL + "<tool_call>{bad", None, HERMES_CALL + "<tool_call>{bad", []),  # all or nothing
     ("hermes", "<think>\nshort\n</think>\n\nPlain <tool text.", "short", "Plain <tool text.", []),
+    ("hermes", "Let me.\n" + HERMES_CALL + " then " + HERMES_CALL + "\nDone.", None, "Let me.\nthen\nDone.",
+     [("calc", {"expr": "1+1"}), ("calc", {"expr": "1+1"})]),  # text between and after calls is kept
+    ("hermes", "Hi\n" + HERMES_CALL.replace("calc", "zz"), None, "Hi\n" + HERMES_CALL.replace("calc", "zz"), []),
     ("llama-json", '{"name": "calc", "parameters": {"expr": "2"}}', None, "", [("calc", {"expr": "2"})]),
     ("llama-json", '{"name": "calc", "parameters": ', None, '{"name": "calc", "parameters": ', []),
     ("llama-json", "The answer is 4.", None, "The answer is 4.", []),
@@ -47,7 +50,7 @@ def test_replies_parse_whole_and_streamed_alike(fmt, text, reasoning, content, c
         events += tail
         got = {f: "".join(t for g, t in events if g == f) for f in ("reasoning_content", "content")}
         assert got["reasoning_content"] == (reasoning or "")
-        assert got["content"].strip() == content.strip()
+        assert got["content"] == content
         assert [c["function"]["name"] for c in streamed_calls] == [n for n, _ in calls]
 
 
@@ -93,7 +96,10 @@ def test_request_messages_and_tools_are_checked_with_the_parameter_named():
                          "hermes") == (tools, "calc")
     for body, fmt, param in [({"tools": tools, "tool_choice": {"function": {"name": "nope"}}}, "hermes", "tool_choice"),
                              ({"tools": "x"}, "hermes", "tools"), ({"tools": tools}, None, "tools"),
-                             ({"tool_choice": "required"}, "hermes", "tool_choice")]:
+                             ({"tool_choice": "required"}, "hermes", "tool_choice"),
+                             ({"tools": [], "tool_choice": "required"}, "hermes", "tool_choice"),
+                             ({"tools": tools, "tool_choice": {"type": "function", "function": "calc"}}, "hermes",
+                              "tool_choice")]:
         with pytest.raises(ToolRequestError) as err:
             request_tools(body, fmt)
         assert err.value.param == param
