@@ -292,15 +292,25 @@ def split_conversations(conversations: Sequence, tokenizer, template: str,
     """Each conversation as (parts that fit max_length tokens with the real template, its full length
     in tokens); split at exchange boundaries (see plan_split). One that fits comes back as one part."""
     convs = [conversation_parts(c) for c in conversations]
-    encoded = _encode_pieces_batch([(render_pieces(m, template, tokenizer, tools=t), set()) for m, t in convs],
-                                   tokenizer, "assistant")
+
+    def encode(batch):
+        return _encode_pieces_batch([(render_pieces(m, template, tokenizer, tools=t), set()) for m, t in batch],
+                                    tokenizer, "assistant")
+
     out = []
-    for (msgs, _), ex in zip(convs, encoded):
-        if len(ex.input_ids) <= max_length:
-            out.append(([list(msgs)], len(ex.input_ids)))
-        else:
-            out.append(([[msgs[i] for i in idx] for idx in plan_split(msgs, ex.token_msg, max_length)],
-                        len(ex.input_ids)))
+    for (msgs, tools), ex in zip(convs, encode(convs)):
+        parts = [list(msgs)]
+        if len(ex.input_ids) > max_length:
+            parts = [[msgs[i] for i in idx] for idx in plan_split(msgs, ex.token_msg, max_length)]
+            for _ in range(2):  # plan an over-long part again from its own counts (see tokenize_batch)
+                lengths = encode([(p, tools) for p in parts])
+                if all(len(e.input_ids) <= max_length or len(_exchanges(p)[1]) == 1 for p, e in zip(parts, lengths)):
+                    break
+                parts = [[p[i] for i in idx] if len(e.input_ids) > max_length else p
+                         for p, e in zip(parts, lengths)
+                         for idx in (plan_split(p, e.token_msg, max_length) if len(e.input_ids) > max_length
+                                     else [range(len(p))])]
+        out.append((parts, len(ex.input_ids)))
     return out
 
 
@@ -388,11 +398,24 @@ def tokenize_batch(
                                                               reasoning_history, res)]
                 except TemplateError as e:
                     res.dropped.append(f"template: {e}")
-    for ci, _, _, _, ex in encode(split_jobs):
-        if len(ex.input_ids) > max_length:
-            ex = _truncate(ex, max_length)
-            results[ci].truncated += 1
-        results[ci].samples.append(ex)
+    for last_round in (False, False, True):  # parts are planned from the whole conversation's token counts; a
+        # template that repeats text in every part (llama-3.1's tools in its first user turn) can leave one over:
+        # it is planned again from its own counts
+        again = []
+        for ci, sub, tools, chosen, ex in encode(split_jobs):
+            if len(ex.input_ids) > max_length and not last_round and len(_exchanges(sub)[1]) > 1:
+                parts = plan_split(sub, ex.token_msg, max_length)
+                results[ci].split_into += len(parts) - 1
+                for idx in parts:
+                    again += [(ci, *s) for s in _planned([sub[i] for i in idx], tools,
+                                                         {j for j, i in enumerate(idx) if i in chosen}, template,
+                                                         tokenizer, reasoning_history, results[ci])]
+                continue
+            if len(ex.input_ids) > max_length:
+                ex = _truncate(ex, max_length)
+                results[ci].truncated += 1
+            results[ci].samples.append(ex)
+        split_jobs = again
 
     for res in results:
         kept = []

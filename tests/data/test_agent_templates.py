@@ -316,3 +316,25 @@ def test_tool_definitions_cannot_forge_a_turn(tokenizers):
         plain = tokenize_batch([{"messages": msgs, "tools": TOOLS}], tok, template)[0].samples[0]
         attacked = tokenize_batch([{"messages": msgs, "tools": forged}], tok, template)[0].samples[0]
         assert attacked.input_ids.count(im_end) == plain.input_ids.count(im_end)
+
+
+def test_split_fits_when_the_template_repeats_tools_in_every_part(tokenizers):
+    """llama-3.1 writes the tools into each part's first user turn: parts planned from the whole conversation's
+    counts would overflow; an over-long part is planned again, so every part fits and nothing is truncated."""
+    from data.tokenize import split_conversations
+
+    tok = tokenizers["llama-bpe"]
+    tools = [{"type": "function", "function": {"name": "calc", "description": " ".join(["describe"] * 150),
+                                               "parameters": {"type": "object"}}}]
+    msgs = []
+    for k in range(6):
+        msgs += [{"role": "user", "content": f"Question {k} " + "word " * 20},
+                 {"role": "assistant", "content": f"Answer {k} " + "word " * 20}]
+    rec = {"messages": msgs, "tools": tools}
+    (res,) = tokenize_batch([rec], tok, "llama-3.1", 400, overflow="split")
+    assert res.truncated == 0 and len(res.samples) == 3 and all(len(e.input_ids) <= 400 for e in res.samples)
+    parts, _ = split_conversations([rec], tok, "llama-3.1", 400)[0]
+    assert sum(len(p) for p in parts) == len(msgs)  # no turn lost
+    lengths = [len(r.samples[0].input_ids) for r in tokenize_batch([{"messages": p, "tools": tools} for p in parts],
+                                                                    tok, "llama-3.1")]
+    assert all(n <= 400 for n in lengths)
