@@ -95,28 +95,39 @@ def _end(i: int) -> list[Piece]:
     return [Piece("<|im_end|>", i, "eot"), Piece("\n", i, "template")]
 
 
+def _hermes(messages: list[dict], tools, default_system: str | None, assistant) -> list[Piece]:
+    """The Qwen family's conversation: system (with the tools), then user turns, tool results grouped into user
+    turns, and assistant turns as `assistant(i)` renders them (the part that differs between the families)."""
+    pieces = _hermes_system(messages, tools, default_system)
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i == 0:
+            continue
+        if m["role"] == "tool":
+            pieces += _tool_result(messages, i)
+        elif m["role"] != "assistant":
+            pieces += [Piece(f"<|im_start|>{m['role']}\n", i, "template"), Piece(m["content"], i, "content"),
+                       Piece("<|im_end|>\n", i, "template")]
+        else:
+            pieces += assistant(i)
+    return pieces
+
+
 def qwen25(messages: list[dict], add_generation_prompt: bool, tools=None, thinking=None) -> list[Piece]:
     """Qwen2.5-Instruct: Hermes-style `<tool_call>` JSON blocks, tools listed in the system turn."""
-    pieces = _hermes_system(messages, tools, QWEN_DEFAULT_SYSTEM)
-    for i, m in enumerate(messages):
-        role = m["role"]
-        if role == "system" and i == 0:
-            continue
-        if role == "tool":
-            pieces += _tool_result(messages, i)
-        elif role != "assistant":
-            pieces += [Piece(f"<|im_start|>{role}\n", i, "template"), Piece(m["content"], i, "content"),
-                       Piece("<|im_end|>\n", i, "template")]
-        elif not m.get("tool_calls"):
-            pieces += [Piece("<|im_start|>assistant\n", i, "template"), *inline_reasoning(m, i, m["content"]), *_end(i)]
-        else:
-            text = inline_reasoning(m, i, m["content"])
-            pieces += [Piece("<|im_start|>assistant", i, "template"), Piece("\n", i, "template"), *text]
-            for k, call in enumerate(m["tool_calls"]):
-                # the newline before the first call ends the generation prompt when nothing precedes the call
-                lead = [Piece("\n", i, "call_tag")] if text or k else []
-                pieces += _hermes_call(call, i, lead, raw_string_args=False)
-            pieces += _end(i)
+
+    def assistant(i: int) -> list[Piece]:
+        m = messages[i]
+        text = inline_reasoning(m, i, m["content"])
+        if not m.get("tool_calls"):
+            return [Piece("<|im_start|>assistant\n", i, "template"), *text, *_end(i)]
+        pieces = [Piece("<|im_start|>assistant", i, "template"), Piece("\n", i, "template"), *text]
+        for k, call in enumerate(m["tool_calls"]):
+            # the newline before the first call ends the generation prompt when nothing precedes the call
+            lead = [Piece("\n", i, "call_tag")] if text or k else []
+            pieces += _hermes_call(call, i, lead, raw_string_args=False)
+        return pieces + _end(i)
+
+    pieces = _hermes(messages, tools, QWEN_DEFAULT_SYSTEM, assistant)
     if add_generation_prompt:
         pieces.append(Piece("<|im_start|>assistant\n", HEADER, "template"))
     return pieces
@@ -146,36 +157,27 @@ def _qwen3_reasoning(m: dict) -> tuple[str, str]:
 def qwen3(messages: list[dict], add_generation_prompt: bool, tools=None, thinking=None) -> list[Piece]:
     """Qwen3: `<think>` blocks; reasoning kept only for turns after the last user query; a last turn without
     reasoning gets an empty think block (the `enable_thinking=False` generation prompt, so never supervised)."""
-    pieces = _hermes_system(messages, tools, None)
     last_query = _qwen3_last_query(messages)
-    for i, m in enumerate(messages):
-        role = m["role"]
-        if role == "system" and i == 0:
-            continue
-        if role == "tool":
-            pieces += _tool_result(messages, i)
-        elif role != "assistant":
-            pieces += [Piece(f"<|im_start|>{role}\n", i, "template"), Piece(m["content"], i, "content"),
-                       Piece("<|im_end|>\n", i, "template")]
-        else:
-            content, reasoning = _qwen3_reasoning(m)
-            pieces.append(Piece("<|im_start|>assistant\n", i, "template"))
-            last = i == len(messages) - 1
-            if i > last_query and (last or reasoning):
-                if reasoning.strip("\n"):
-                    pieces += [Piece("<think>\n", i, "reasoning_tag"), Piece(reasoning.strip("\n"), i, "reasoning"),
-                               Piece("\n</think>\n\n", i, "reasoning_tag")]
-                else:
-                    pieces.append(Piece(EMPTY_THINK, i, "template"))
-                shown = content.lstrip("\n")
+
+    def assistant(i: int) -> list[Piece]:
+        content, reasoning = _qwen3_reasoning(messages[i])
+        pieces = [Piece("<|im_start|>assistant\n", i, "template")]
+        shown = content
+        if i > last_query and (i == len(messages) - 1 or reasoning):
+            if reasoning.strip("\n"):
+                pieces += [Piece("<think>\n", i, "reasoning_tag"), Piece(reasoning.strip("\n"), i, "reasoning"),
+                           Piece("\n</think>\n\n", i, "reasoning_tag")]
             else:
-                shown = content
-            if shown:
-                pieces.append(Piece(shown, i, "content"))
-            for k, call in enumerate(m.get("tool_calls") or []):
-                lead = [Piece("\n", i, "call_tag")] if (k == 0 and content) or k else []
-                pieces += _hermes_call(call, i, lead, raw_string_args=True)
-            pieces += _end(i)
+                pieces.append(Piece(EMPTY_THINK, i, "template"))
+            shown = content.lstrip("\n")
+        if shown:
+            pieces.append(Piece(shown, i, "content"))
+        for k, call in enumerate(messages[i].get("tool_calls") or []):
+            lead = [Piece("\n", i, "call_tag")] if (k == 0 and content) or k else []
+            pieces += _hermes_call(call, i, lead, raw_string_args=True)
+        return pieces + _end(i)
+
+    pieces = _hermes(messages, tools, None, assistant)
     if add_generation_prompt:
         pieces.append(Piece("<|im_start|>assistant\n" + (EMPTY_THINK if thinking is False else ""), HEADER, "template"))
     return pieces
