@@ -24,6 +24,13 @@ class Bad(Exception):
         self.rule, self.message = rule, message
 
 
+def reject_unknown(obj: dict, allowed, where: str) -> None:
+    """A field the format does not have is a typo or a misread format: name it."""
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise Bad("unknown-field", f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+
+
 def parse_tools(value, where: str = "'tools'") -> list[dict] | None:
     """A record's `tools`: a list (or a JSON string of one, LLaMA-Factory's form) of functions, each either
     OpenAI's `{"type": "function", "function": {...}}` or a bare `{"name", "description", "parameters"}`; bare
@@ -79,9 +86,7 @@ def parse_tool_calls(value, where: str, first_id: str) -> list[dict]:
         at = f"{where} tool call {k}"
         if not isinstance(call, dict):
             raise Bad("bad-tool-call", f"{at}: must be an object, got {type(call).__name__}")
-        unknown = sorted(set(call) - {"id", "type", "function", "index"})
-        if unknown:
-            raise Bad("unknown-field", f"{at}: unknown field(s) {', '.join(map(repr, unknown))}")
+        reject_unknown(call, ("id", "type", "function", "index"), at)
         if call.get("type", "function") != "function":
             raise Bad("bad-tool-call", f"{at}: type must be 'function', got {call.get('type')!r}")
         fn = call.get("function")

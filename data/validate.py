@@ -25,6 +25,7 @@ from data.toolcalls import (
     check_tool_flow,
     parse_tool_calls,
     parse_tools,
+    reject_unknown,
     sharegpt_calls,
     split_inline_think,
 )
@@ -136,9 +137,7 @@ def _messages_from_sharegpt(rec: dict) -> list[dict]:
         missing = [k for k in ("from", "value") if k not in turn]
         if missing:
             raise _Bad("missing-field", f"{where}: missing {', '.join(repr(k) for k in missing)}")
-        unknown = sorted(set(turn) - SHAREGPT_TURN_KEYS)
-        if unknown:
-            raise _Bad("unknown-field", f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+        reject_unknown(turn, SHAREGPT_TURN_KEYS, where)
         role = ROLE_ALIASES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise _Bad("unknown-role", f"{where}: unknown role {turn['from']!r} (expected one of {', '.join(ROLE_ALIASES)})")
@@ -211,9 +210,7 @@ def _messages_from_openai(rec: dict) -> list[dict]:
             raise _Bad("not-object", f"{where}: must be an object, got {type(m).__name__}")
         if "role" not in m:
             raise _Bad("missing-field", f"{where}: missing 'role'")
-        unknown = sorted(set(m) - OPENAI_MESSAGE_KEYS)
-        if unknown:
-            raise _Bad("unknown-field", f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+        reject_unknown(m, OPENAI_MESSAGE_KEYS, where)
         role = m["role"] if m["role"] in ("system", "user", "assistant", "tool") else None
         if role is None:
             raise _Bad("unknown-role", f"{where}: unknown role {m['role']!r} (expected system, user, assistant or tool)")

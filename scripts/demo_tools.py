@@ -85,17 +85,10 @@ def examples(held_out: bool, n: int, seed: int) -> list[tuple[str, str, dict, li
 
 def generate(loaded, messages: list[dict], max_new_tokens: int) -> str:
     from data.tokenize import encode_prompt
-    from data.toolcalls import parse_arguments
     from serve.generation import GenerationResult, SamplingParams, stream_generate
+    from serve.tool_parsing import request_messages
 
-    normalized = []
-    for m in messages:  # OpenAI fields → chattune's (arguments parsed), as the server does
-        m = {k: v for k, v in m.items() if v is not None}
-        if m.get("tool_calls"):
-            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": parse_arguments(
-                c["function"]["arguments"], "demo")}} for c in m["tool_calls"]]
-            m.setdefault("content", "")
-        normalized.append(m)
+    normalized = request_messages(messages, len(messages))  # OpenAI fields -> chattune's, as the server reads them
     ids = encode_prompt(normalized, loaded.tokenizer, loaded.template, tools=TOOLS)
     result = GenerationResult()
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=loaded.stop_strings)
