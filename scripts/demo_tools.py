@@ -9,7 +9,7 @@ tools in the system turn), then scored on held-out questions (other cities, othe
 
     python scripts/demo_tools.py [--output_dir outputs/demo_tools] [--epochs 1] [--train_examples 32]
 
-Not part of `make demo`. Exits 1 unless both counts improve.
+Not part of `make demo`. Exits 1 unless the call count rises and the result-use count does not fall.
 """
 
 from __future__ import annotations
