@@ -122,7 +122,11 @@ class TrainConfig:
     logging_steps: int = _help("log every N steps", default=1)
     report_to: str = _help(f"experiment tracker: {', '.join(REPORT_TO)}", default="none")
     run_name: str | None = _help("run name for the tracker", default=None)
-    resume_from_checkpoint: str | None = _help("checkpoint dir, or True for the latest in --output_dir", default=None)
+    resume_from_checkpoint: str | None = _help("checkpoint dir; True: the newest complete one in --output_dir (error if "
+                                                "none); auto: the newest if there is one, else start fresh", default=None)
+    async_save: bool = _help("checkpoint in the background: the step loop waits only for the copy to host memory; the "
+                             "write overlaps the next steps (a new save or the end of training waits for it)",
+                             default=False)
     max_nonfinite_skips: int = _help("skip up to N steps with a non-finite loss/grad norm before stopping", default=0)
     save_dtype: str = _help("dtype of the final full-model export: bf16 or fp32", default="bf16")
     # --- sharding ---
