@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data.assets import cache_dir
+from data.flags import flag_name, given
 from data.formats import Source, expand_paths, parse_sources
 from data.tokenize import IGNORE_INDEX, tokenize_batch
 from data.tokenizer import run_encoder, tokenizer_fingerprint
@@ -64,6 +65,11 @@ class DataConfig:
     seed: int = 42  # mixing: which records a weight/count below 1x keeps
     reasoning: str = "train"  # assistant reasoning: train | mask | drop
     reasoning_history: str = "expand"  # turns a template renders differently in history: expand | exact
+
+    @property
+    def flags(self) -> dict[str, str]:
+        """How the calling entry point spells each option in messages (data/flags.py): `validation.flags`."""
+        return self.validation.flags
 
 
 @dataclass
@@ -133,9 +139,9 @@ def _file_digest(path: str, data_hash: str) -> str:
 
 def fingerprint(paths, tokenizer, cfg: DataConfig, data_hash: str = "content") -> str:
     if data_hash not in ("content", "stat"):
-        raise ValueError(f"--data_hash must be content or stat, got {data_hash!r}")
+        raise ValueError(f"{flag_name('data_hash', cfg.flags)} must be content or stat, got {data_hash!r}")
     h = hashlib.sha256()
-    for source in parse_sources(paths):
+    for source in parse_sources(paths, cfg.flags):
         h.update(json.dumps(source.spec(), sort_keys=True).encode())
         for path in expand_paths(source.path):
             h.update(_file_digest(path, data_hash).encode())
@@ -153,7 +159,8 @@ def _tokenize_rows(batch: dict, tokenizer, cfg: DataConfig) -> dict:
         by_template.setdefault(t, []).append(i)
     for template, idx in by_template.items():  # each source may have its own template
         for i, res in zip(idx, tokenize_batch([conversations[i] for i in idx], tokenizer, template, cfg.max_length,
-                                              cfg.mask, cfg.overflow, cfg.reasoning, cfg.reasoning_history)):
+                                              cfg.mask, cfg.overflow, cfg.reasoning, cfg.reasoning_history,
+                                              flags=cfg.flags)):
             results[i] = res
     out: dict[str, list] = {k: [] for k in ("id", "source", "input_ids", "labels", "length", "num_supervised",
                                             "truncated", "dropped", "expanded", "inexact_turns")}
@@ -198,7 +205,7 @@ def build_dataset(paths, tokenizer, cfg: DataConfig, num_proc: int = 1, cache: s
     records. `paths`: FastChat's single path, or several `PATH[:WEIGHT][:count=N][:template=T]` sources."""
     from datasets import load_from_disk
 
-    sources = parse_sources(paths)
+    sources = parse_sources(paths, cfg.flags)
     root = Path(cache) if cache else cache_dir() / "datasets"
     key = fingerprint(sources, tokenizer, cfg, data_hash)
     target = root / key
@@ -221,8 +228,9 @@ def build_dataset(paths, tokenizer, cfg: DataConfig, num_proc: int = 1, cache: s
         if report.skipped or report.fixes:
             print("[data] " + format_report(report).replace("\n", "\n[data] "), flush=True)
         if stats.expanded or stats.inexact_turns:
+            history = given("reasoning_history", cfg.reasoning_history, cfg.flags)
             print(f"[data] {stats.conversations} conversations -> {stats.samples} samples: {stats.expanded} expanded so "
-                  f"every trained turn sees its inference context (--reasoning_history {cfg.reasoning_history}); "
+                  f"every trained turn sees its inference context ({history}); "
                   f"{stats.inexact_turns} turn(s) left untrained as context", flush=True)
         print(f"[data] {target} — {stats.samples} samples, {stats.tokens} tokens "
               f"({stats.supervised_tokens / max(stats.tokens, 1):.1%} supervised), truncated {stats.truncated}, "
@@ -310,7 +318,8 @@ def _build(sources: list[Source], tokenizer, cfg: DataConfig, num_proc: int, out
                            "samples": 0, "tokens": 0})
     raw = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(raw) == 0:
-        raise DataError([], header=f"--data_path {' '.join(s.path for s in sources)}: no conversations to train on")
+        raise DataError([], header=f"{given('data', ' '.join(s.path for s in sources), cfg.flags)}: "
+                                   "no conversations to train on")
     tokenized = raw.map(
         _tokenize_rows, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 and len(raw) > 256 else None,
         remove_columns=raw.column_names, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},

@@ -10,9 +10,11 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from data.flags import given
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -151,14 +153,16 @@ class Source:
 _OPTION = re.compile(r"^(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)|(?P<key>weight|count|template|format)=(?P<value>[^:]+))$")
 
 
-def parse_source(spec: str) -> Source:
+def parse_source(spec: str, flags: Mapping[str, str] | None = None) -> Source:
     """`data.jsonl`, `data.jsonl:0.5`, `a/*.json:count=1000:template=llama-2:format=sharegpt`. Options are peeled off the end, so
-    a path holding ':' still works when no option follows it."""
+    a path holding ':' still works when no option follows it. Messages name the spec with the caller's data flag
+    (`flags`, data/flags.py; default: training's --data_path)."""
+    where = given("data", spec, flags)
     parts, options = spec.split(":"), {}
     while len(parts) > 1 and (m := _OPTION.match(parts[-1])):
         key, value = ("weight", m["weight"]) if m["weight"] is not None else (m["key"], m["value"])
         if key in options:
-            raise ValueError(f"--data_path {spec}: '{key}' given twice")
+            raise ValueError(f"{where}: '{key}' given twice")
         options[key] = value
         parts.pop()
     path = ":".join(parts)
@@ -166,18 +170,18 @@ def parse_source(spec: str) -> Source:
         weight = float(options["weight"]) if "weight" in options else None
         count = int(options["count"]) if "count" in options else None
     except ValueError:
-        raise ValueError(f"--data_path {spec}: weight must be a number and count an integer") from None
+        raise ValueError(f"{where}: weight must be a number and count an integer") from None
     if weight is not None and weight <= 0 or count is not None and count <= 0:
-        raise ValueError(f"--data_path {spec}: weight and count must be > 0")
+        raise ValueError(f"{where}: weight and count must be > 0")
     if weight is not None and count is not None:
-        raise ValueError(f"--data_path {spec}: give a weight or a count, not both")
+        raise ValueError(f"{where}: give a weight or a count, not both")
     fmt = options.get("format")
     if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"--data_path {spec}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ValueError(f"{where}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return Source(path, weight, count, options.get("template"), fmt)
 
 
-def parse_sources(paths) -> list[Source]:
+def parse_sources(paths, flags: Mapping[str, str] | None = None) -> list[Source]:
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    return [p if isinstance(p, Source) else parse_source(str(p)) for p in paths]
+    return [p if isinstance(p, Source) else parse_source(str(p), flags) for p in paths]

@@ -19,6 +19,7 @@ from collections import Counter
 from rich.console import Console
 from rich.text import Text
 
+from data.flags import TRAINING_FLAGS
 from data.formats import read_rows
 from data.samples import REASONING_HISTORY
 from data.templates import TEMPLATE_NAMES
@@ -69,6 +70,11 @@ def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
     ]
 
 
+# this command's spelling of the options data-layer messages name (data/flags.py)
+INSPECT_FLAGS = {**{k: v for k, v in TRAINING_FLAGS.items() if k != "data_hash"}, "data": "--data",
+                 "max_length": "--max_length"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     console = Console(highlight=False)
     opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant,
-                             allow_undeclared_tools=args.allow_undeclared_tools)
+                             allow_undeclared_tools=args.allow_undeclared_tools, flags=INSPECT_FLAGS)
     report = LoadReport()
     positions, records = [], []  # the input position of every valid record
     try:
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tokenizer = load_tokenizer(args.tokenizer)
     results = tokenize_batch(records, tokenizer, args.template, args.max_length, args.mask, args.truncation,
-                             args.reasoning, args.reasoning_history, kinds=True)
+                             args.reasoning, args.reasoning_history, kinds=True, flags=INSPECT_FLAGS)
     for i in range(args.index, min(args.index + args.count, len(records))):
         console.rule(f"record {i} — id {records[i]['id']}")
         res = results[i]

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from data.formats import Row, read_rows
+from data.progress import progress_disabled
 from data.validate import ValidationOptions, normalize_row
 
 
@@ -59,7 +60,9 @@ def record_id(row: Row) -> str:
 
 def valid_records(rows: list[Row], tally: Tally, opts: ValidationOptions | None = None) -> list[tuple[Row, dict]]:
     """(row, normalized record {"id", "messages", "tools"?}) for the rows that pass training's validation (any
-    supported format); the others are dropped as `invalid (RULE)`, the first of each rule reported with its message."""
+    supported format); the others are dropped as `invalid (RULE)`, the first of each rule reported with its message.
+    Without `opts`, the tool has no validation flags: messages name the option, never another command's flag."""
+    opts = opts if opts is not None else ValidationOptions(flags={})
     out = []
     for row in progress(rows, "validating"):
         rec, problem = normalize_row(row, opts)
@@ -165,7 +168,7 @@ def conversation_text(messages: list[dict], roles: tuple[str, ...] = ("user", "a
 def progress(items, desc: str, total: int | None = None) -> Iterator:
     from tqdm import tqdm
 
-    return iter(tqdm(items, desc=desc, total=total, file=sys.stderr, disable=bool(os.environ.get("CHATTUNE_NO_PROGRESS"))))
+    return iter(tqdm(items, desc=desc, total=total, file=sys.stderr, disable=progress_disabled()))
 
 
 @dataclass

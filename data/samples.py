@@ -50,7 +50,7 @@ def plan_samples(messages: list[dict], tools, chosen: set[int], template: str, t
                  history: str = "expand") -> tuple[list[SamplePlan], int]:
     """The samples of one conversation and the number of supervised turns left untrained (history="exact")."""
     if history not in REASONING_HISTORY:
-        raise ValueError(f"--reasoning_history must be one of {', '.join(REASONING_HISTORY)}, got {history!r}")
+        raise ValueError(f"reasoning_history must be one of {', '.join(REASONING_HISTORY)}, got {history!r}")
     last = len(messages) - 1
     turns = sorted(t for t in chosen if messages[t]["role"] == "assistant")
     if template in PREFIX_STABLE or not turns or template != "tokenizer" and turns == [last]:

@@ -13,11 +13,12 @@ whitespace of the template can ride along. Labels are *not* shifted here; the co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
+from data.flags import flag_name
 from data.pieces import PLAIN_KINDS
 from data.samples import REASONING_HISTORY, plan_samples
 from data.templates import (
@@ -77,19 +78,21 @@ def conversation_parts(conversation) -> tuple[list[dict], list[dict] | None]:
     return list(conversation), None
 
 
-def apply_reasoning_policy(messages: list[dict], reasoning: str) -> list[dict]:
-    """--reasoning drop removes assistant reasoning before rendering; train/mask keep it (mask: no loss)."""
+def apply_reasoning_policy(messages: list[dict], reasoning: str, flags: Mapping[str, str] | None = None) -> list[dict]:
+    """--reasoning drop removes assistant reasoning before rendering; train/mask keep it (mask: no loss).
+    `flags`: how the caller spells its options in messages (data/flags.py)."""
     if reasoning not in REASONING_POLICIES:
-        raise ValueError(f"--reasoning must be one of {', '.join(REASONING_POLICIES)}, got {reasoning!r}")
+        raise ValueError(f"{flag_name('reasoning', flags)} must be one of {', '.join(REASONING_POLICIES)}, "
+                         f"got {reasoning!r}")
     if reasoning != "drop" or not any("reasoning" in m for m in messages):
         return messages
     return [{k: v for k, v in m.items() if k != "reasoning"} for m in messages]
 
 
-def supervised_messages(messages: Sequence[dict], mask: Mask) -> set[int]:
+def supervised_messages(messages: Sequence[dict], mask: Mask, flags: Mapping[str, str] | None = None) -> set[int]:
     """Indices of messages that carry loss: by the mask strategy, overridden by a per-message `train`."""
     if mask not in MASKS:
-        raise ValueError(f"--mask must be one of {', '.join(MASKS)}, got {mask!r}")
+        raise ValueError(f"{flag_name('mask', flags)} must be one of {', '.join(MASKS)}, got {mask!r}")
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if mask == "last":
         chosen = set(assistants[-1:])
@@ -335,18 +338,25 @@ def tokenize_batch(
     reasoning: Reasoning = "train",
     reasoning_history: str = "expand",
     kinds: bool = False,
+    flags: Mapping[str, str] | None = None,
 ) -> list[ConversationResult]:
     """Tokenize many normalized conversations (messages lists, or records {"messages", "tools"?}); per
     conversation the kept samples and drop reasons. A conversation may become several samples: by the
-    inference-context rule (data/samples.py) and by the `split` policy."""
+    inference-context rule (data/samples.py) and by the `split` policy. `flags`: how the calling entry point
+    spells the options its error messages name (data/flags.py; default: training's)."""
+    def bad(option: str, choices: Sequence[str], got) -> ValueError:
+        return ValueError(f"{flag_name(option, flags)} must be one of {', '.join(choices)}, got {got!r}")
+
     if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"--truncation must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}")
+        raise bad("truncation", OVERFLOW_POLICIES, overflow)
     if max_length is not None and max_length < 2:
-        raise ValueError(f"--model_max_length must be >= 2, got {max_length}")
+        raise ValueError(f"{flag_name('max_length', flags)} must be >= 2, got {max_length}")
     if reasoning_history not in REASONING_HISTORY:
-        raise ValueError(f"--reasoning_history must be one of {', '.join(REASONING_HISTORY)}, got {reasoning_history!r}")
+        raise bad("reasoning_history", REASONING_HISTORY, reasoning_history)
     if reasoning not in REASONING_POLICIES:
-        raise ValueError(f"--reasoning must be one of {', '.join(REASONING_POLICIES)}, got {reasoning!r}")
+        raise bad("reasoning", REASONING_POLICIES, reasoning)
+    if mask not in MASKS:
+        raise bad("mask", MASKS, mask)
     if template not in TEMPLATE_NAMES:  # a wrong name is the run's error, not every record's
         raise TemplateError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
     if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):

@@ -14,6 +14,9 @@ Arguments are kept as the parsed object, not the JSON string: the published temp
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+
+from data.flags import suggest
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -126,7 +129,8 @@ def split_inline_think(content: str) -> tuple[str | None, str]:
     return (reasoning if reasoning.strip() else None), rest.lstrip("\n")
 
 
-def check_tool_flow(msgs: list[dict], tool_names: set[str] | None, allow_undeclared: bool) -> None:
+def check_tool_flow(msgs: list[dict], tool_names: set[str] | None, allow_undeclared: bool,
+                    flags: Mapping[str, str] | None = None) -> None:
     """Calls, results and their order: a tool message answers a call made before it (by id, or the next
     unanswered one); calls name declared functions (unless allowed); a conversation does not end on a result."""
     pending: list[dict] = []
@@ -141,7 +145,7 @@ def check_tool_flow(msgs: list[dict], tool_names: set[str] | None, allow_undecla
                 if not allow_undeclared and (tool_names is None or name not in tool_names):
                     declared = f"declared: {', '.join(sorted(tool_names))}" if tool_names else "the record declares no 'tools'"
                     raise Bad("undeclared-tool", f"message {i}: calls {name!r}, which is not in 'tools' ({declared}; "
-                              "--allow_undeclared_tools accepts it)")
+                              f"{suggest('allow_undeclared_tools', 'accept it', flags)})")
         elif m["role"] == "tool":
             if not pending:
                 raise Bad("orphan-tool-result", f"message {i}: a tool result with no tool call before it")

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from data.flags import check_flags, flag_name, suggest, training_flags
 from data.formats import Row, parse_source, read_rows
 from data.toolcalls import (
     Bad,
@@ -74,6 +75,11 @@ class ValidationOptions:
     drop_leading_assistant: bool = False  # drop assistant turns before the first user turn (FastChat does)
     expect_format: str | None = None  # sharegpt | openai | alpaca: records of another format are invalid
     allow_undeclared_tools: bool = False  # accept calls to functions the record's `tools` does not declare
+    # how the calling entry point spells each option in messages (data/flags.py); default: training's flags
+    flags: dict[str, str] = field(default_factory=training_flags)
+
+    def __post_init__(self):
+        check_flags(self.flags)
 
 
 @dataclass
@@ -278,7 +284,7 @@ def _check_order(msgs: list[dict], opts: ValidationOptions, fixes: Counter) -> l
     if body and body[0]["role"] == "assistant":
         if not opts.drop_leading_assistant:
             raise _Bad("leading-assistant", f"message {start}: the first turn is from the assistant "
-                       "(use --drop_leading_assistant to drop such turns, as FastChat does)")
+                       f"({suggest('drop_leading_assistant', 'drop such turns, as FastChat does', opts.flags)})")
         while body and body[0]["role"] == "assistant":
             body = body[1:]
             fixes["dropped leading assistant turn"] += 1
@@ -295,7 +301,7 @@ def _check_order(msgs: list[dict], opts: ValidationOptions, fixes: Counter) -> l
                            "calls or reasoning cannot be merged")
             if not opts.merge_consecutive:
                 raise _Bad("consecutive-roles", f"message {start + j}: two consecutive {m['role']} turns "
-                           "(use --merge_consecutive to join them)")
+                           f"({suggest('merge_consecutive', 'join them', opts.flags)})")
             if merged[-1].get("train") != m.get("train"):
                 raise _Bad("consecutive-roles", f"message {start + j}: cannot merge consecutive {m['role']} turns "
                            "with different 'train' flags")
@@ -342,7 +348,7 @@ def normalize_row(row: Row, opts: ValidationOptions | None = None, fixes: Counte
         tools = rec.get("_tools")
         if any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
             names = {t["function"]["name"] for t in tools} if tools else None
-            check_tool_flow(msgs, names, opts.allow_undeclared_tools)
+            check_tool_flow(msgs, names, opts.allow_undeclared_tools, opts.flags)
     except _Bad as bad:
         return None, Problem(row.path, row.loc, rid, bad.rule, bad.message)
     fixes.update(local)
@@ -357,7 +363,9 @@ def iter_conversations(paths, on_bad_record: str = "error", opts: ValidationOpti
     """Read + validate + normalize, one record at a time (memory independent of the data's size); fills `report`.
     `error`: after reading everything, raise DataError listing every problem; `skip`: report them."""
     if on_bad_record not in ON_BAD_RECORD:
-        raise ValueError(f"--on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
+        flags = opts.flags if opts is not None else None
+        raise ValueError(f"{flag_name('on_bad_record', flags)} must be one of {', '.join(ON_BAD_RECORD)}, "
+                         f"got {on_bad_record!r}")
     report = report if report is not None else LoadReport()
     for row in read_rows(paths):
         report.rows += 1
@@ -398,6 +406,11 @@ def write_report(report: LoadReport, path: str | os.PathLike) -> None:
         json.dump(report.summary(), f, indent=2)
 
 
+# this command's own flags (data/flags.py): PATH is positional, records are always skipped and listed
+VALIDATE_CLI_FLAGS = {"merge_consecutive": "--merge_consecutive", "drop_leading_assistant": "--drop_leading_assistant",
+                      "allow_undeclared_tools": "--allow_undeclared_tools"}
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.validate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,10 +421,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                         help="accept calls to functions the record's 'tools' does not declare")
     args = parser.parse_args(argv)
     opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant,
-                             allow_undeclared_tools=args.allow_undeclared_tools)
+                             allow_undeclared_tools=args.allow_undeclared_tools, flags=VALIDATE_CLI_FLAGS)
     try:
         # training's `PATH:WEIGHT` source specs validate as their paths
-        _, report = load_conversations([parse_source(p).path for p in args.paths], "skip", opts)
+        _, report = load_conversations([parse_source(p, VALIDATE_CLI_FLAGS).path for p in args.paths], "skip", opts)
     except DataError as e:  # every record invalid: list them as for any bad record, then the summary line
         for problem in e.problems:
             print(problem)

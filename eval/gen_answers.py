@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.progress import progress_disabled
 from eval.mtbench import (
     DEFAULT_QUESTIONS,
     DEFAULT_TEMPERATURE,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if done:  # drop a torn last line before appending
             write_answer_file(answer_file, done)
         with open(answer_file, "a", encoding="utf-8") as f:
-            for q in tqdm(pending, desc=args.model_id, disable=bool(os.environ.get("CHATTUNE_NO_PROGRESS"))):
+            for q in tqdm(pending, desc=args.model_id, disable=progress_disabled()):
                 temperature = args.temperature if args.temperature is not None else TEMPERATURE_BY_CATEGORY.get(
                     q["category"], DEFAULT_TEMPERATURE)
                 params = SamplingParams(temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)

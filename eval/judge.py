@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.progress import progress_disabled
 from eval.mtbench import (
     DEFAULT_JUDGE_PROMPTS,
     DEFAULT_QUESTIONS,
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(output, "a", encoding="utf-8") as f, ThreadPoolExecutor(args.parallel) as pool:
         futures = [pool.submit(run, judge, m, args.judge_model) for m in todo]
         for fut in tqdm(as_completed(futures), total=len(futures), desc="judging",
-                        disable=bool(os.environ.get("CHATTUNE_NO_PROGRESS"))):
+                        disable=progress_disabled()):
             record = fut.result()
             errors += is_error(record)
             with lock:

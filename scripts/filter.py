@@ -87,7 +87,9 @@ def main() -> int:
     roles = {"all": ("user", "assistant"), "user": ("user",), "assistant": ("assistant",)}[args.regex_roles]
     from data.validate import ValidationOptions
 
-    opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant)
+    opts = ValidationOptions(args.merge_consecutive, args.drop_leading_assistant,
+                             flags={"merge_consecutive": "--merge-consecutive",
+                                    "drop_leading_assistant": "--drop-leading-assistant"})
     rows = read_records(args.in_file)
     tally = Tally("filter", read=len(rows))
     survivors = []

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from data.progress import progress_disabled
 from train.config import TrainConfig, run_name, to_dict
 
 
@@ -38,7 +39,7 @@ class Tracker:
 
         self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
-                                  disable=os.environ.get("CHATTUNE_NO_PROGRESS") == "1")
+                                  disable=progress_disabled())
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
         self._progress.start()
         self._t0 = time.perf_counter()

@@ -146,3 +146,113 @@ def test_gguf_model(heldout, tmp_path):
     figures = json.loads(out.read_text())
     assert figures["template"] == "tokenizer" and 0 < figures["overall"]["loss"] < 10  # a trained model, not random
     assert figures["per_turn"]["1"]["conversations"] == 3
+
+
+# --- issue 21 (6): eval scores what training scored; messages name eval's own flags ----------------------------------
+
+MERGE_ME = {"id": "d", "conversations": [{"from": "human", "value": "Hi there."},
+                                         {"from": "human", "value": "Are you awake?"},
+                                         {"from": "gpt", "value": "Yes, I am here and ready to help you."}]}
+RECORDED_FLAGS = {"template": "chatml", "mask": "last", "model_max_length": 40, "truncation": "truncate",
+                  "merge_consecutive": True, "drop_leading_assistant": False, "allow_undeclared_tools": False,
+                  "reasoning": "train", "reasoning_history": "expand", "on_bad_record": "error"}
+
+
+@pytest.fixture
+def trained_dir(tiny_llama, tmp_path):
+    """The tiny model as a training run leaves it: weights, tokenizer and a chattune.json (run_record's layout)."""
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(tiny_llama, d)
+    (d / "chattune.json").write_text(json.dumps({
+        "format_version": 1, "template": "chatml", "mode": "full", "max_length": 40, "mask": "last",
+        "reasoning": "train", "flags": RECORDED_FLAGS}))
+    data = tmp_path / "heldout-merge.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in [*CONVS, MERGE_ME]))
+    return d, data
+
+
+def _supervised_count(model_dir, data, mask: str, max_length: int | None, merge: bool = True) -> int:
+    """The shifted supervised-token count training's data code gives these options."""
+    from data.tokenize import tokenize_batch
+    from data.tokenizer import load_tokenizer
+    from data.validate import ValidationOptions
+
+    records, _ = load_conversations(str(data), opts=ValidationOptions(merge_consecutive=merge))
+    results = tokenize_batch(records, load_tokenizer(str(model_dir)), "chatml", max_length, mask)
+    return sum(sum(lab != IGNORE_INDEX for lab in ex.labels[1:]) for res in results for ex in res.samples)
+
+
+def _eval_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    from eval.loss import main
+
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_recorded_mask_length_and_validation_are_used_unless_a_flag_overrides(trained_dir, tmp_path, capsys):
+    d, data = trained_dir
+    recorded = _supervised_count(d, data, "last", 40)
+    overridden = _supervised_count(d, data, "assistant", 1024)
+    # each recorded option changes what is scored, so the figures below tell them apart
+    assert len({recorded, _supervised_count(d, data, "assistant", 40), _supervised_count(d, data, "last", 1024),
+                overridden}) == 4
+    out = tmp_path / "recorded.json"
+    rc, stdout, stderr = _eval_in_process(capsys, "--model-path", str(d), "--data", str(data), "--output", str(out))
+    assert rc == 0, stderr
+    figures = json.loads(out.read_text())
+    assert figures["overall"]["tokens"] == recorded  # mask last, max_length 40, merged consecutive user turns
+    assert figures["records"] == 4 and figures["skipped_records"] == 0
+    assert figures["options"]["mask"] == "last" and figures["options"]["max_length"] == 40
+    line = next(x for x in stdout.splitlines() if x.startswith("[eval] options"))
+    assert f"from {d / 'chattune.json'}: mask=last, max_length=40" in line and "merge_consecutive=True" in line
+    assert "from flags" not in line
+
+    out = tmp_path / "overridden.json"
+    rc, stdout, stderr = _eval_in_process(capsys, "--model-path", str(d), "--data", str(data), "--mask", "assistant",
+                                          "--max-length", "1024", "--output", str(out))
+    assert rc == 0, stderr
+    figures = json.loads(out.read_text())
+    assert figures["overall"]["tokens"] == overridden
+    assert figures["options_from"]["mask"] == "flag" and figures["options_from"]["merge_consecutive"] == "chattune.json"
+    line = next(x for x in stdout.splitlines() if x.startswith("[eval] options"))
+    assert "from flags: --mask assistant --max-length 1024" in line and "mask=last" not in line
+
+
+def test_resolve_options_precedence_and_unusable_records():
+    from eval.loss import parse_args, resolve_options
+
+    args = parse_args(["--model-path", "m", "--data", "x", "--mask", "all", "--no-merge-consecutive"])
+    record = {"mask": "assistant", "max_length": 77, "reasoning": "mask",
+              "flags": {"mask": "last", "truncation": "split", "merge_consecutive": True, "reasoning": None}}
+    opts, source, notes = resolve_options(args, record)
+    assert opts["mask"] == "all" and source["mask"] == "flag"  # a flag beats the record
+    assert opts["merge_consecutive"] is False and source["merge_consecutive"] == "flag"  # --no-... overrides True
+    assert opts["max_length"] == 77 and source["max_length"] == "chattune.json"  # top-level key, older records
+    assert opts["reasoning"] == "mask"  # flags' null falls back to the top-level key
+    assert opts["truncation"] == "truncate" and "split" in notes[0]  # scored as training scored its eval set
+    assert opts["reasoning_history"] == "expand" and source["reasoning_history"] == "default"
+    for bad in ({"flags": {"mask": "odd"}}, {"flags": {"model_max_length": 1}}, {"flags": {"merge_consecutive": "yes"}}):
+        with pytest.raises(ValueError, match="pass --"):
+            resolve_options(parse_args(["--model-path", "m", "--data", "x"]), bad)
+
+
+def test_data_errors_name_eval_flags_not_trainings(trained_dir, capsys):
+    d, data = trained_dir
+    rc, _, stderr = _eval_in_process(capsys, "--model-path", str(d), "--data", str(data), "--no-merge-consecutive")
+    assert rc == 1 and f"{data}:4" in stderr
+    assert "use --merge-consecutive to join them" in stderr and "--merge_consecutive" not in stderr
+    rc, _, stderr = _eval_in_process(capsys, "--model-path", str(d), "--data", str(data), "--max-length", "1")
+    assert rc == 1 and "--max-length must be >= 2" in stderr and "--model_max_length" not in stderr
+
+
+def test_training_names_its_own_flags_for_the_same_record(tiny_llama, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(MERGE_ME) + "\n")
+    args = common(tiny_llama, tmp_path / "out", data_path=str(data), max_steps=1)
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "train.py"), *args], capture_output=True, text=True,
+                          env={**ENV, "CHATTUNE_CACHE": str(tmp_path / "cache")}, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "use --merge_consecutive to join them" in proc.stderr and "--merge-consecutive" not in proc.stderr
