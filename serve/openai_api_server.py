@@ -16,6 +16,11 @@ Built to face real clients:
 - parsing, tokenization and generation never run on the event loop, so /health and /v1/models answer at once;
 - a client that goes away (streaming or not) has its generation cancelled within one decode step;
 - SIGTERM stops accepting, gives in-flight generations `--graceful-shutdown` seconds, cancels the rest, exits 0.
+
+Layout: `create_app` registers one module-level function per route; they read an `AppState` (the `Service`: model,
+tokenizer, batch engine, limits; the API keys; the tool-call format) from `app.state`. Both generation routes run
+`generate` (admission, tokenization off the loop, streaming or waiting, disconnects, usage); they differ only in
+their request class: `ChatRequest` / `TextRequest` build the prompt and shape each choice and stream delta.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import secrets
 import signal
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the (string) annotations here
@@ -133,18 +139,6 @@ def chat_messages(body: dict, limits: Limits) -> list[dict]:
         raise RequestError(str(e), e.param) from None
 
 
-@dataclass
-class ChatTools:
-    """What a chat request asked of tools, and how its replies are read back."""
-
-    tools: list[dict] | None = None
-    forced_prefix: str = ""  # a named tool_choice: the reply starts with this call's opening
-
-    @property
-    def known(self) -> set[str] | None:
-        return {t["function"]["name"] for t in self.tools} if self.tools else None
-
-
 class Service:
     """The model, its batch engine and the admission count (running + waiting generations)."""
 
@@ -216,232 +210,313 @@ class LeasedStream(StreamingResponse):
             self.lease.close()
 
 
-def create_app(service: Service, api_keys: list[str] | None = None):
-    from contextlib import asynccontextmanager
+# --- app state and the request helpers every route shares ---------------------------------------------------------
+@dataclass
+class AppState:
+    """What the routes read: the service (model, tokenizer, batch engine, limits), the API keys, and how the model's
+    replies carry tool calls (`fmt`) and whether its prompt already opens a reasoning block."""
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        service.engine.stop()  # after uvicorn's graceful period: cancel whatever is left
+    service: Service
+    api_keys: list[str] | None
+    fmt: str | None
+    think_opened: bool
 
-    app = FastAPI(title="chattune OpenAI-compatible API", lifespan=lifespan)
-    limits = service.limits
+    @classmethod
+    def of(cls, service: Service, api_keys: list[str] | None = None) -> AppState:
+        template, tok = service.loaded.template, service.loaded.tokenizer
+        return cls(service, api_keys, call_format(template, tok), prompt_opens_think(template, tok))
 
-    def error(e: RequestError) -> JSONResponse:
-        return JSONResponse(status_code=e.status, headers=e.headers,
-                            content={"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}})
 
-    def check_auth(request: Request) -> None:
-        if api_keys:
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in api_keys:
-                raise RequestError("invalid or missing API key", None, 401, "authentication_error")
+def app_state(request: Request) -> AppState:
+    return request.app.state.chattune
 
-    async def read_body(request: Request) -> dict:
-        check_auth(request)
-        too_big = RequestError(f"the request body is larger than {limits.max_body_bytes} bytes", None, 413)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise too_big  # refused before reading a byte of it
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise too_big
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+
+def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=e.status, headers=e.headers,
+                        content={"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}})
+
+
+async def request_error(request: Request, e: RequestError) -> JSONResponse:
+    return error_response(e)
+
+
+def check_auth(state: AppState, request: Request) -> None:
+    if state.api_keys:
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in state.api_keys:
+            raise RequestError("invalid or missing API key", None, 401, "authentication_error")
+
+
+async def read_body(state: AppState, request: Request) -> dict:
+    """The authenticated request's JSON object, refused (413) past --max-body-bytes without reading further."""
+    check_auth(state, request)
+    limits = state.service.limits
+    too_big = RequestError(f"the request body is larger than {limits.max_body_bytes} bytes", None, 413)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_big  # refused before reading a byte of it
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw) if size < 65536 else await run_in_threadpool(json.loads, raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"request body is not valid JSON: {e}", None) from None
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object", None)
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError("'stream' must be true or false", "stream")
+    return body
+
+
+def usage(prompt: int, results: list[GenerationResult]) -> dict:
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# --- the two kinds of generation request: how each builds its prompt and shapes its replies -------------------------
+class TextRequest:
+    """POST /v1/completions: a raw prompt string; replies are plain text."""
+
+    id_prefix, object, chunk_object = "cmpl-", "text_completion", "text_completion"
+    param = "prompt"  # what a prompt over the limit is blamed on
+    model_stops = False  # raw text: the chat template's stop strings do not apply
+
+    def __init__(self, state: AppState, body: dict):
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("'prompt' must be a non-empty string", "prompt")
+        self.prompt = prompt
+
+    def encode(self, tok) -> list[int]:  # runs in the thread pool
+        return tok(self.prompt).input_ids
+
+    def open(self, i: int) -> list:
+        """Stream deltas that open choice i (before any generated text)."""
+        return []
+
+    def feed(self, i: int, text: str) -> list:
+        """Stream deltas for choice i's newly generated text."""
+        return [text]
+
+    def finish(self, i: int, finish_reason: str) -> tuple[list, str]:
+        """Choice i's last stream deltas and its finish_reason."""
+        return [], finish_reason
+
+    def chunk_choice(self, i: int, delta: str | None, finish: str | None) -> dict:
+        return {"index": i, "text": delta or "", "finish_reason": finish}
+
+    def choice(self, i: int, r: GenerationResult) -> dict:
+        return {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+
+
+class ChatRequest:
+    """POST /v1/chat/completions: messages (and tools) rendered with the training template; replies are read back as
+    content, reasoning_content and tool_calls (streamed as OpenAI streams them)."""
+
+    id_prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+    param = "messages"
+    model_stops = True
+
+    def __init__(self, state: AppState, body: dict):
+        self.state = state
+        self.messages = chat_messages(body, state.service.limits)
         try:
-            body = json.loads(raw) if size < 65536 else await run_in_threadpool(json.loads, raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"request body is not valid JSON: {e}", None) from None
-        if not isinstance(body, dict):
-            raise RequestError("request body must be a JSON object", None)
-        if not isinstance(body.get("stream", False), bool):
-            raise RequestError("'stream' must be true or false", "stream")
-        return body
+            self.tools, self.forced = request_tools(body, state.fmt)
+        except ToolRequestError as e:
+            raise RequestError(str(e), e.param) from None
+        self.known = {t["function"]["name"] for t in self.tools} if self.tools else None
+        self.forced_prefix = ""  # a named tool_choice: the reply starts with this call's opening
+        self.parsers: dict[int, StreamParser] = {}
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request, e: RequestError):
-        return error(e)
+    def encode(self, tok) -> list[int]:  # runs in the thread pool
+        template = self.state.service.loaded.template
+        ids = encode_prompt(self.messages, tok, template, self.tools, False if self.forced is not None else None)
+        if self.forced is not None:  # the reply must call (this) function: it begins with a call's opening
+            self.forced_prefix = forced_call_prefix(template, tok, self.forced, self.tools)
+            ids = ids + run_encoder(tok).encode_text(self.forced_prefix, at_start=False)
+        return ids
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "chattune"}]}
+    def open(self, i: int) -> list:
+        self.parsers[i] = StreamParser(self.state.fmt, self.known, self.state.think_opened)
+        self.parsers[i].feed(self.forced_prefix)  # part of the prompt: read, not sent
+        return [{"role": "assistant", "content": ""}]
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "running": service.engine.running, "waiting": service.engine.waiting,
-                "admitted": service.admitted, "limit_concurrency": limits.limit_concurrency,
-                "max_queue": limits.max_queue}
+    def feed(self, i: int, text: str) -> list:
+        return [{field: t} for field, t in self.parsers[i].feed(text)]
 
-    def usage(prompt: int, results: list[GenerationResult]) -> dict:
-        completion = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def finish(self, i: int, finish_reason: str) -> tuple[list, str]:
+        events, calls = self.parsers[i].finish()
+        deltas = [{field: text} for field, text in events]
+        for k, call in enumerate(calls):  # OpenAI's shape: name first, then the arguments
+            head = {"index": k, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            deltas.append({"tool_calls": [head]})
+            deltas.append({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]})
+        return deltas, "tool_calls" if calls else finish_reason
 
-    def sse(payload: dict) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    def chunk_choice(self, i: int, delta: dict | None, finish: str | None) -> dict:
+        return {"index": i, "delta": delta if delta is not None else {}, "finish_reason": finish}
 
-    tok0 = service.loaded.tokenizer
-    fmt = call_format(service.loaded.template, tok0)
-    think_opened = prompt_opens_think(service.loaded.template, tok0)
+    def choice(self, i: int, r: GenerationResult) -> dict:
+        parsed = parse_reply(self.forced_prefix + r.text, self.state.fmt, self.known, self.state.think_opened)
+        message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+        return {"index": i, "message": message,
+                "finish_reason": "tool_calls" if parsed.tool_calls else r.finish_reason}
 
-    async def prepare(request: Request, chat: bool):
-        """Body → (body, prompt ids, sampling params, the lease of its admitted generations, its tools)."""
-        body = await read_body(request)
-        params, n = parse_sampling(body, limits)
-        tools = ChatTools()
-        if chat:
-            messages = chat_messages(body, limits)
-            try:
-                tools.tools, forced = request_tools(body, fmt)
-            except ToolRequestError as e:
-                raise RequestError(str(e), e.param) from None
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or not prompt:
-                raise RequestError("'prompt' must be a non-empty string", "prompt")
-        lease = service.admit(n)  # before tokenizing: an over-capacity request costs no CPU
-        try:
-            tok = service.loaded.tokenizer
-            if chat:
-                template = service.loaded.template
-                ids = await run_in_threadpool(encode_prompt, messages, tok, template, tools.tools,
-                                              False if forced is not None else None)
-                if forced is not None:  # the reply must call (this) function: it begins with a call's opening
-                    tools.forced_prefix = forced_call_prefix(template, tok, forced, tools.tools)
-                    ids = ids + run_encoder(tok).encode_text(tools.forced_prefix, at_start=False)
-            else:
-                ids = await run_in_threadpool(lambda: tok(prompt).input_ids)
-            params = fit_to_context(params, len(ids), service.loaded, limits, "messages" if chat else "prompt", chat)
-        except TemplateError as e:  # e.g. tool history for a template without a tool format, parallel calls for one
-            lease.close()  # that takes one call per turn
-            raise RequestError(f"the model's chat template cannot render these messages: {e}", "messages") from None
-        except BaseException:
-            lease.close()
-            raise
-        return body, ids, params, lease, tools
 
-    def streaming(kind: str, rid: str, ids: list[int], params: SamplingParams, lease: Lease,
-                  tools: ChatTools | None = None) -> StreamingResponse:
-        created = int(time.time())
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+GenRequest = TextRequest | ChatRequest
 
-        def chunk(index: int, delta: str | dict | None, finish: str | None, role: bool = False) -> dict:
-            if kind == "chat":
-                d = {"role": "assistant", "content": ""} if role else \
-                    (delta if isinstance(delta, dict) else {"content": delta} if delta is not None else {})
-                choice = {"index": index, "delta": d, "finish_reason": finish}
-            else:
-                choice = {"index": index, "text": delta or "", "finish_reason": finish}
-            return {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [choice]}
 
-        n = lease.n
+# --- what both generation routes share: admission, tokenization, streaming, waiting, the response -------------------
+async def prepare(state: AppState, request: Request, kind: type[GenRequest]):
+    """Body → (body, prompt ids, sampling params, the lease of its admitted generations, the parsed request)."""
+    service = state.service
+    body = await read_body(state, request)
+    params, n = parse_sampling(body, service.limits)
+    req = kind(state, body)
+    lease = service.admit(n)  # before tokenizing: an over-capacity request costs no CPU
+    try:
+        ids = await run_in_threadpool(req.encode, service.loaded.tokenizer)
+        params = fit_to_context(params, len(ids), service.loaded, service.limits, req.param, req.model_stops)
+    except TemplateError as e:  # e.g. tool history for a template without a tool format, parallel calls for one
+        lease.close()  # that takes one call per turn
+        raise RequestError(f"the model's chat template cannot render these messages: {e}", "messages") from None
+    except BaseException:
+        lease.close()
+        raise
+    return body, ids, params, lease, req
 
-        async def events():
-            # Runs as the response's task: a client that disconnects cancels it (starlette listens for
-            # http.disconnect), and the lease cancels the generations, so no slot is held by a dead client.
-            try:
-                queue = lease.start(ids, params)
-                parsers = []
-                if kind == "chat":
-                    for i in range(n):
-                        yield sse(chunk(i, None, None, role=True))
-                        parsers.append(StreamParser(fmt, tools.known, think_opened))
-                        parsers[i].feed(tools.forced_prefix)
-                pending = n
-                while pending:
-                    i, what, payload = await queue.get()
-                    if what == "delta":
-                        if kind != "chat":
-                            yield sse(chunk(i, payload, None))
-                        for field, text in parsers[i].feed(payload) if kind == "chat" else []:
-                            yield sse(chunk(i, {field: text}, None))
-                    elif what == "error":
-                        yield sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
-                        return
-                    else:
-                        pending -= 1
-                        finish = payload.finish_reason
-                        if kind == "chat":
-                            events, calls = parsers[i].finish()
-                            for field, text in events:
-                                yield sse(chunk(i, {field: text}, None))
-                            for k, call in enumerate(calls):  # OpenAI's shape: name first, then the arguments
-                                head = {"index": k, "id": call["id"], "type": "function",
-                                        "function": {"name": call["function"]["name"], "arguments": ""}}
-                                yield sse(chunk(i, {"tool_calls": [head]}, None))
-                                yield sse(chunk(i, {"tool_calls": [{"index": k, "function": {
-                                    "arguments": call["function"]["arguments"]}}]}, None))
-                            finish = "tool_calls" if calls else finish
-                        yield sse(chunk(i, None, finish))
-                final = {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [],
-                         "usage": usage(len(ids), [t.result for t in lease.tickets])}
-                yield sse(final)
-                yield "data: [DONE]\n\n"
-            finally:
-                lease.close()
 
-        return LeasedStream(events(), lease)
+def streaming(state: AppState, req: GenRequest, rid: str, ids: list[int], params: SamplingParams,
+              lease: Lease) -> StreamingResponse:
+    created = int(time.time())
+    model = state.service.model_name
 
-    async def complete(request: Request, ids: list[int], params: SamplingParams, lease: Lease) -> list[GenerationResult]:
-        """Wait for the lease's generations; cancel them the moment the client disconnects."""
+    def chunk(index: int, delta, finish: str | None) -> dict:
+        return {"id": rid, "object": req.chunk_object, "created": created, "model": model,
+                "choices": [req.chunk_choice(index, delta, finish)]}
+
+    async def events():
+        # Runs as the response's task: a client that disconnects cancels it (starlette listens for
+        # http.disconnect), and the lease cancels the generations, so no slot is held by a dead client.
         try:
             queue = lease.start(ids, params)
+            for i in range(lease.n):
+                for delta in req.open(i):
+                    yield sse(chunk(i, delta, None))
             pending = lease.n
-            checked = time.monotonic()
             while pending:
-                try:
-                    i, what, payload = await asyncio.wait_for(queue.get(), timeout=0.2)
-                except TimeoutError:
-                    what = None
-                if time.monotonic() - checked >= 0.2:  # deltas may keep coming: look at the client on a clock
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return []
-                if what == "error":
-                    raise RequestError(payload, None, 500, "server_error")
-                if what == "done":
+                i, what, payload = await queue.get()
+                if what == "delta":
+                    for delta in req.feed(i, payload):
+                        yield sse(chunk(i, delta, None))
+                elif what == "error":
+                    yield sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
+                    return
+                else:
                     pending -= 1
-            return [t.result for t in lease.tickets]
+                    deltas, finish = req.finish(i, payload.finish_reason)
+                    for delta in deltas:
+                        yield sse(chunk(i, delta, None))
+                    yield sse(chunk(i, None, finish))
+            final = {"id": rid, "object": req.chunk_object, "created": created, "model": model, "choices": [],
+                     "usage": usage(len(ids), [t.result for t in lease.tickets])}
+            yield sse(final)
+            yield "data: [DONE]\n\n"
         finally:
             lease.close()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body, ids, params, lease, tools = await prepare(request, chat=True)
-        rid = f"chatcmpl-{secrets.token_hex(12)}"
-        if body.get("stream"):
-            return streaming("chat", rid, ids, params, lease, tools)
-        results = await complete(request, ids, params, lease)
-        choices = []
-        for i, r in enumerate(results):
-            parsed = parse_reply(tools.forced_prefix + r.text, fmt, tools.known, think_opened)
-            message = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else "")}
-            if parsed.reasoning is not None:
-                message["reasoning_content"] = parsed.reasoning
-            if parsed.tool_calls:
-                message["tool_calls"] = parsed.tool_calls
-            choices.append({"index": i, "message": message,
-                            "finish_reason": "tool_calls" if parsed.tool_calls else r.finish_reason})
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": service.model_name,
-                "choices": choices, "usage": usage(len(ids), results)}
+    return LeasedStream(events(), lease)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body, ids, params, lease, _ = await prepare(request, chat=False)
-        rid = f"cmpl-{secrets.token_hex(12)}"
-        if body.get("stream"):
-            return streaming("text", rid, ids, params, lease)
-        results = await complete(request, ids, params, lease)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": service.model_name,
-                "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                            for i, r in enumerate(results)],
-                "usage": usage(len(ids), results)}
 
+async def complete(request: Request, ids: list[int], params: SamplingParams, lease: Lease) -> list[GenerationResult]:
+    """Wait for the lease's generations; cancel them the moment the client disconnects."""
+    try:
+        queue = lease.start(ids, params)
+        pending = lease.n
+        checked = time.monotonic()
+        while pending:
+            try:
+                i, what, payload = await asyncio.wait_for(queue.get(), timeout=0.2)
+            except TimeoutError:
+                what = None
+            if time.monotonic() - checked >= 0.2:  # deltas may keep coming: look at the client on a clock
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return []
+            if what == "error":
+                raise RequestError(payload, None, 500, "server_error")
+            if what == "done":
+                pending -= 1
+        return [t.result for t in lease.tickets]
+    finally:
+        lease.close()
+
+
+async def generate(request: Request, kind: type[GenRequest]):
+    """The body of both generation routes: a stream of chunks, or one response with every choice and the usage."""
+    state = app_state(request)
+    body, ids, params, lease, req = await prepare(state, request, kind)
+    rid = f"{req.id_prefix}{secrets.token_hex(12)}"
+    if body.get("stream"):
+        return streaming(state, req, rid, ids, params, lease)
+    results = await complete(request, ids, params, lease)
+    return {"id": rid, "object": req.object, "created": int(time.time()), "model": state.service.model_name,
+            "choices": [req.choice(i, r) for i, r in enumerate(results)], "usage": usage(len(ids), results)}
+
+
+# --- the routes (no return annotations: FastAPI would read them as response models) ---------------------------------
+async def list_models(request: Request):
+    state = app_state(request)
+    check_auth(state, request)
+    return {"object": "list", "data": [{"id": state.service.model_name, "object": "model", "created": 0,
+                                        "owned_by": "chattune"}]}
+
+
+async def health(request: Request):
+    service = app_state(request).service
+    return {"status": "ok", "running": service.engine.running, "waiting": service.engine.waiting,
+            "admitted": service.admitted, "limit_concurrency": service.limits.limit_concurrency,
+            "max_queue": service.limits.max_queue}
+
+
+async def chat_completions(request: Request):
+    return await generate(request, ChatRequest)
+
+
+async def completions(request: Request):
+    return await generate(request, TextRequest)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    yield
+    app.state.chattune.service.engine.stop()  # after uvicorn's graceful period: cancel whatever is left
+
+
+def create_app(service: Service, api_keys: list[str] | None = None) -> FastAPI:
+    app = FastAPI(title="chattune OpenAI-compatible API", lifespan=lifespan)
+    app.state.chattune = AppState.of(service, api_keys)
+    app.add_exception_handler(RequestError, request_error)
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
     return app
 
 

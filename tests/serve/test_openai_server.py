@@ -266,3 +266,62 @@ def test_tools_are_rendered_and_malformed_calls_stay_content(server):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny_llama):
+    """The app in this process (no uvicorn): both generation routes run the shared admission/stream/usage code."""
+    from fastapi.testclient import TestClient
+
+    from serve.loading import load_for_chat
+    from serve.openai_api_server import Limits, Service, create_app
+
+    service = Service(load_for_chat(tiny_llama, conv_template="chatml"), "tiny", Limits(limit_concurrency=2, max_queue=2))
+    with TestClient(create_app(service)) as c:
+        yield c
+
+
+def _sse(client, path: str, body: dict) -> list[dict]:
+    import json
+
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]" and all(x.startswith("data: ") for x in lines)
+    return [json.loads(x[len("data: "):]) for x in lines[:-1]]
+
+
+def test_chat_and_text_routes_share_streaming_usage_and_errors(app_client):
+    """Greedy replies streamed equal them unstreamed on both routes, each choice ends with its finish_reason, the last
+    chunk carries the usage, ids and objects are OpenAI's; a bad request names its parameter and holds no slot."""
+    c = app_client
+    for path, body, obj, prefix in (
+            ("/v1/chat/completions", {"messages": MSGS}, "chat.completion", "chatcmpl-"),
+            ("/v1/completions", {"prompt": "Once upon a time"}, "text_completion", "cmpl-")):
+        body = {**body, "temperature": 0, "max_tokens": 6, "n": 2}
+        full = c.post(path, json=body).json()
+        assert full["object"] == obj and full["id"].startswith(prefix) and full["model"] == "tiny"
+        assert [ch["index"] for ch in full["choices"]] == [0, 1]
+        u = full["usage"]
+        assert 0 < u["completion_tokens"] <= 12 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        chunks = _sse(c, path, body)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == u["prompt_tokens"]
+        assert len({ch["id"] for ch in chunks}) == 1 and chunks[0]["id"].startswith(prefix)
+        assert {ch["object"] for ch in chunks} == {"chat.completion.chunk" if obj == "chat.completion" else obj}
+        for i, want in enumerate(full["choices"]):
+            mine = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"][0]["index"] == i]
+            assert [m["finish_reason"] for m in mine][-1] == want["finish_reason"]
+            assert all(m["finish_reason"] is None for m in mine[:-1])
+            if obj == "chat.completion":
+                assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+                assert "".join(m["delta"].get("content", "") for m in mine) == want["message"]["content"]
+            else:
+                assert "".join(m["text"] for m in mine) == want["text"] and want["logprobs"] is None
+    for path, body, param in (("/v1/completions", {"prompt": ""}, "prompt"),
+                              ("/v1/chat/completions", {"messages": MSGS, "stream": "yes"}, "stream"),
+                              ("/v1/completions", {"prompt": "word " * 3000}, "prompt")):
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    health = c.get("/health").json()
+    assert health["admitted"] == 0 and health["running"] == 0 and health["waiting"] == 0
+    assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
