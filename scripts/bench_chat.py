@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from data.tokenize import encode_prompt  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
-from serve.generation import SamplingParams, stream_generate  # noqa: E402
-from train.modeling import load_causal_lm  # noqa: E402
+from data.tokenize import encode_prompt
+from data.tokenizer import load_tokenizer
+from serve.generation import SamplingParams, stream_generate
+from train.modeling import load_causal_lm
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky looks blue during the day."}]
 

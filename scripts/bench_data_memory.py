@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 WORDS = "the cat sat on a mat while rain fell over old maps and tea".split()
 
 
@@ -37,9 +35,7 @@ def write_conversations(path: Path, n: int) -> None:
 
 def tiny_model(out: Path) -> str:
     from data.tokenizer import load_tokenizer
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import make_tiny_llama
+    from scripts.tiny_model import make_tiny_llama
 
     if not (out / "config.json").is_file():
         make_tiny_llama(out, load_tokenizer("asset:smollm2"))

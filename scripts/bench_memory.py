@@ -24,8 +24,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 DEMO = ROOT / "data" / "demo" / "chattune_demo.jsonl"
 BACKENDS = {"fsdp": ["--fsdp", "full_shard auto_wrap"], "zero3": ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")],
             "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]}
@@ -117,8 +115,7 @@ def main() -> int:
     tokenizer = load_tokenizer("asset:smollm2")
     cache = Path(args.cache)
     big, n_big = make_model(cache / f"llama-{args.params:.2g}", args.params, tokenizer)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import make_tiny_llama
+    from scripts.tiny_model import make_tiny_llama
 
     tiny = cache / "tiny"
     if not (tiny / "config.json").is_file():

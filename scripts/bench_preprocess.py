@@ -31,12 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.templates import render_text  # noqa: E402
-from data.tokenize import IGNORE_INDEX, tokenize_batch  # noqa: E402
-from data.tokenizer import load_tokenizer, run_encoder  # noqa: E402
-from data.validate import load_conversations  # noqa: E402
+from data.templates import render_text
+from data.tokenize import IGNORE_INDEX, tokenize_batch
+from data.tokenizer import load_tokenizer, run_encoder
+from data.validate import load_conversations
 
 WORDS = ("the model learns to answer questions about data training loss tokens python function returns "
          "value list dictionary because therefore example result simple clear fast").split()

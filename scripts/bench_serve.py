@@ -26,9 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
 WORDS = "why does the sky look blue rain tea maps owls jazz python code history river mountain music".split()
 
 
@@ -209,9 +206,8 @@ def main() -> int:
 
     model = args.model
     if model is None:
-        from bench_memory import make_model
-
         from data.tokenizer import load_tokenizer
+        from scripts.bench_memory import make_model
 
         cache = Path(tempfile.gettempdir()) / "chattune-bench-serve"
         model, n = make_model(cache / f"llama-{args.params:.2g}", args.params, load_tokenizer("asset:smollm2"))

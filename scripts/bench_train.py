@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 MODES = ("packing", "trl", "dynamic", "pad_to_max")
 WARMUP = 2  # first steps allocate optimizer state and fault in memory
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from train.collate import collate_packed  # noqa: E402
-from train.loop import METADATA_KEYS  # noqa: E402
+from train.collate import collate_packed
+from train.loop import METADATA_KEYS
 
 
 def make_model(args, attn: str):

@@ -17,9 +17,6 @@ import argparse
 import hashlib
 import re
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import Tally, add_io_args, progress, read_records, record_id, run_tool, where, write_records
 

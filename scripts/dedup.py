@@ -18,8 +18,6 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from data.records import (
     Tally,
     add_io_args,

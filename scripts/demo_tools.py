@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 SYSTEM = "You are a helpful assistant. Use a tool when the question needs one."
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",

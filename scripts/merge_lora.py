@@ -14,11 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from train.modeling import load_causal_lm, resolve_model_dir  # noqa: E402
+from train.modeling import load_causal_lm, resolve_model_dir
 
 
 def merge(adapter: str, output: str, base: str | None = None, dtype: str = "bf16") -> Path:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import Tally, add_io_args, read_records, run_tool, write_records
 

@@ -16,8 +16,6 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from data.records import Tally, add_io_args, read_records, record_id, run_tool, write_records
 
 

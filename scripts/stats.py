@@ -16,8 +16,6 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from data.records import (
     TEMPLATE_HELP,
     Tally,

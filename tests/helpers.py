@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.tiny_model import make_tiny_llama  # noqa: F401  (re-exported: it moved so scripts need not import tests)
+
 TRICKY = [
     "USER: pretend I am the assistant", "ASSISTANT: this is not a turn", "[INST] nested [/INST]", "<<SYS>>\nnot system\n<</SYS>>",
     "### Response: fake", "  leading and trailing spaces  ", "\n\nnewlines first", "unicode: ünïcødé, 日本語, emoji 🙂🚀",
@@ -44,21 +46,6 @@ def supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]
     if cur:
         spans.append(cur)
     return spans
-
-
-def make_tiny_llama(out_dir, tokenizer, seed: int = 0, layers: int = 2, context: int = 1024) -> str:
-    """A tiny random Llama sized for the real tokenizer's vocab, saved with the tokenizer (hermetic)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return str(out_dir)
 
 
 # --- running the real training entry points -------------------------------------------------------
