@@ -4,9 +4,10 @@ The recipe only talks to this interface, so FSDP2 (train/fsdp.py) and DeepSpeed
 (train/deepspeed_backend.py) plug in as further subclasses; train/backend_select.py picks one:
   build_model(build) → model (meta/partitioned)   | sync_context(last_micro) → context for one micro-batch
   setup(model, make_optimizer) → wrapped, optim   | backward(loss)
-  clip_and_norm(max_norm) → total grad norm       | step(optimizer) → whether the update was applied
-  unwrap(model) → the HF/peft model               | export_state(model, trainable_only) → CPU dict on rank 0
-  loss_scale                                      | save_state / load_state → resumable checkpoint payload
+  optimizer_step(...) → (applied, grad_norm)      | unwrap(model) → the HF/peft model
+  export_state(model, trainable_only) → CPU dict on rank 0
+  loss_scale                                      | checkpoint_state / load_checkpoint_state → the portable
+                                                    resumable state (train/portable_state.py)
 `loss_scale` undoes the averaging a backend applies to gradients: our loss is already divided by the
 supervised-token count of the whole step on all ranks (DESIGN.md §3), so DDP's mean over ranks must
 be multiplied back by the world size.
@@ -15,12 +16,13 @@ be multiplied back by the world size.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from train.checkpoint import load_model_files, save_model_files
 from train.distributed import DistInfo
+from train.portable_state import load_torch_state, torch_state
 
 
 class Backend:
@@ -33,9 +35,6 @@ class Backend:
     @property
     def loss_scale(self) -> float:
         return 1.0
-
-    # DeepSpeed clips, checks gradients for non-finite values and skips the update inside its own step
-    steps_itself = False
 
     def build_model(self, build):
         """`build(placement)` makes the model ("device" | "cpu" | "meta", see model_setup.build_model);
@@ -60,10 +59,6 @@ class Backend:
     def zero_grad(self, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
-    def grad_norm_after_step(self) -> float | None:
-        """Backends that clip inside their step (DeepSpeed) report the norm here."""
-        return None
-
     def sync_context(self, model, last_micro: bool):
         return contextlib.nullcontext()
 
@@ -77,9 +72,21 @@ class Backend:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return float(norm)
 
-    def step(self, optimizer) -> bool:
-        optimizer.step()
-        return True
+    def optimizer_step(self, model, optimizer, max_norm: float, loss_is_finite: bool, scaler=None) -> tuple[bool, float]:
+        """Clip and apply one update unless the loss or the gradients are not finite; returns (applied,
+        grad norm before clipping). With fp16's `scaler`, gradients are unscaled first (the norm and the
+        clipping see true gradients) and an overflow lowers the scale instead of updating."""
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = self.clip_and_norm(model, max_norm)
+        applied = loss_is_finite and math.isfinite(grad_norm)
+        if applied and scaler is not None:
+            scaler.step(optimizer)  # unscaled already; steps unless it recorded an overflow
+        elif applied:
+            optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        return applied, grad_norm
 
     def export_state(self, model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """Final weights on rank 0's CPU (other ranks get None; every rank must call): the full state
@@ -91,13 +98,12 @@ class Backend:
             return {k: p.detach().cpu() for k, p in module.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
-    def save_state(self, directory, model, optimizer) -> None:
-        """Resumable weights + optimizer into a checkpoint dir (all ranks call; here rank 0 writes)."""
-        if self.info.is_main:
-            save_model_files(directory, self.unwrap(model), optimizer, self.is_peft)
+    def checkpoint_state(self, model, optimizer) -> dict:
+        """The portable resumable state (every rank calls; sharded backends return their shards)."""
+        return torch_state(self.unwrap(model), optimizer, self.is_peft)
 
-    def load_state(self, directory, model, optimizer) -> None:
-        load_model_files(directory, self.unwrap(model), optimizer, self.is_peft)
+    def load_checkpoint_state(self, directory, model, optimizer) -> None:
+        load_torch_state(directory, self.unwrap(model), optimizer, self.is_peft)
 
 
 class DDPBackend(Backend):

@@ -1,54 +1,147 @@
-"""Resumable checkpoints: `OUT/checkpoint-STEP/`, written to a temp dir then renamed (atomic).
+"""Checkpoints that survive a crash and resume anywhere: `OUT/checkpoint-STEP/`.
 
-Contents: `model.safetensors` (full fine-tune: all weights, fp32, exact) or the PEFT adapter
-(`adapter_model.safetensors` + `adapter_config.json`); `optimizer.pt`, `scheduler.pt`;
-`rng_state_rank{R}.pt` per rank; `trainer_state.json` (step, sampler position, token counts, log
-history). Only directories named `checkpoint-N` are ever resumed, so a half-written temp dir
-(`.tmp-checkpoint-N`) never is. Tensors are loaded with `weights_only=True`.
+One `Checkpointer` owns saving (synchronous or in the background), publishing, rotation, finding
+the newest complete checkpoint and loading it; the training loop only asks it to save.
+
+Contents of `checkpoint-STEP/`:
+  dcp/                   weights + optimizer state in the portable layout (train/portable_state.py):
+                         any backend, any world size can load it
+  scheduler.pt           the LR schedule (torch.load with weights_only=True)
+  rng_state_rank{R}.pt   each rank's RNG streams (restored when the world size is unchanged)
+  trainer_state.json     step, data position (in units: samples, or packed rows), the run facts a
+                         resume must keep (global batch, data plan), log of what wrote it
+  manifest.json          every other file and its size; written last
+
+Crash safety. Everything is written into `.tmp-checkpoint-STEP/`; every file is fsynced by the rank
+that wrote it (DCP's writer with `sync_files`), then the manifest, then the directory, and only then is
+the directory renamed to `checkpoint-STEP` and the parent directory fsynced. A checkpoint counts as
+complete when it has that name and every file of its manifest exists with its recorded size, so a
+process killed at any moment leaves the previous checkpoint as the newest complete one. Old
+checkpoints (`--save_total_limit`) are renamed to `.trash-…` before they are deleted, so a half-deleted
+one never looks complete. A failed write (disk full) is one line on every rank, the temp dir is removed
+and the previous checkpoint is untouched.
+
+Async saves (`--async_save True`): the state is copied to host memory (pinned on CUDA) while the
+step loop waits, then DCP writes it from a background thread on a process group of its own (gloo),
+and rank 0 publishes it when the write completes. The next save, and the end of training, wait for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from train.distributed import DistInfo
+from train.distributed import DistInfo, all_reduce_max
+from train.portable_state import DCP_DIR, IncompatibleCheckpoint
 
+FORMAT_VERSION = 2
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message is one line and names what is intact."""
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / rel).stat().st_size == size for rel, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under output_dir, oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))
-             and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found) if is_complete(p)]
 
 
 def resolve_resume(value: str | None, output_dir: str) -> Path | None:
-    """`--resume_from_checkpoint`: None/False → fresh; True → latest in output_dir; else a path."""
-    if value is None or str(value).lower() in ("", "false", "none"):
+    """`--resume_from_checkpoint`: None/False → fresh; True → the newest complete checkpoint in
+    output_dir (error if none); auto → the newest if any, else fresh; else that checkpoint."""
+    low = str(value).lower() if value is not None else ""
+    if low in ("", "false", "none"):
         return None
-    if str(value).lower() == "true":
+    if low in ("true", "auto"):
         found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume_from_checkpoint True: no complete checkpoint-N under {output_dir}")
-        return found[-1]
+        if found:
+            return found[-1]
+        if low == "auto":
+            return None
+        raise FileNotFoundError(f"--resume_from_checkpoint True: no complete checkpoint-N under {output_dir}")
     path = Path(value)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no {STATE_FILE})")
+    if (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: written by an older chattune (no {MANIFEST}); "
+                                "it cannot be resumed by this version")
+    if not is_complete(path):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint (its {MANIFEST} is "
+                                "missing or names files that are missing or truncated)")
     return path
+
+
+def lengths_fingerprint(lengths) -> str:
+    return hashlib.sha1(np.asarray(lengths, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+# What a resume must keep, with the flags that set it (checked in this order; the first difference is reported).
+RUN_FACTS = {
+    "mode": "the fine-tuning mode (full / lora / qlora)",
+    "global_batch": "world size × --per_device_train_batch_size × --gradient_accumulation_steps",
+    "packing": "--packing",
+    "rows": "--model_max_length (it sets how samples are packed into rows)",
+    "group_by_length": "--group_by_length",
+    "seed": "--seed (it sets the data order)",
+    "data": "the training data (--data_path and its preprocessing)",
+}
+
+
+def check_run_facts(path: Path, saved: dict, now: dict) -> None:
+    differ = [k for k in RUN_FACTS if k in saved and k in now and saved[k] != now[k]]
+    if differ:
+        k = differ[0]
+        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:])})" if len(differ) > 1 else ""
+        raise IncompatibleCheckpoint(f"--resume_from_checkpoint {path}: {RUN_FACTS[k]} differs: {saved[k]} in the "
+                                     f"checkpoint, {now[k]} now{more}; resume with the same, or start fresh")
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _rng_state() -> dict:
@@ -74,99 +167,182 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
+def _reason(exc: BaseException) -> str:
+    """The root cause of a failed write in a few words (DCP wraps each rank's error)."""
+    seen = [exc]
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        seen += [e for e in failures.values() if isinstance(e, BaseException)]
+    while seen[-1].__cause__ is not None or seen[-1].__context__ is not None:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    for e in seen:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, info: DistInfo,
-                    backend, save_total_limit: int | None) -> Path:
-    """Write checkpoint-STEP atomically. Model/optimizer go through the backend (rank 0 files for
-    single/DDP, sharded DCP for FSDP); scheduler, trainer state and per-rank RNG are common."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(info)
-    torch.save(_rng_state(), tmp / f"rng_state_rank{info.rank}.pt")
-    backend.save_state(tmp, model, optimizer)
-    if info.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": info.world_size, "backend": backend.name},
-                                                 indent=2))
-    _barrier(info)
-    if info.is_main:
-        if final.exists():
-            shutil.rmtree(final)
+class Checkpointer:
+    def __init__(self, output_dir: str, info: DistInfo, backend, save_total_limit: int | None = None,
+                 async_save: bool = False):
+        self.root = Path(output_dir)
+        self.info = info
+        self.backend = backend
+        self.save_total_limit = save_total_limit
+        self.async_save = async_save
+        self._pending: tuple[Future, Path, Path] | None = None
+        self._publish_error: BaseException | None = None
+        self._published = threading.Event()
+        # DCP's background write runs collectives: never on the group the step loop is using
+        self._pg = dist.new_group(backend="gloo") if async_save and info.distributed else None
+
+    # --- save -------------------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer, scheduler, trainer_state: dict) -> str:
+        self.wait()
+        final, tmp = self.root / f"checkpoint-{step}", self.root / f".tmp-checkpoint-{step}"
+        error = None
+        if self.info.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.iterdir():  # left by a crash: never resumed, removed here
+                    if stale.name.startswith((".tmp-checkpoint-", ".trash-checkpoint-")):
+                        shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        self._agree(error, tmp, final)
+        try:
+            _torch_save(_rng_state(), tmp / f"rng_state_rank{self.info.rank}.pt")
+            if self.info.is_main:
+                _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+                state = {**trainer_state, "format_version": FORMAT_VERSION, "world_size": self.info.world_size,
+                         "backend": self.backend.name}
+                _write_bytes(tmp / STATE_FILE, json.dumps(state, indent=2).encode())
+        except OSError as e:
+            error = e
+        self._agree(error, tmp, final)
+        state = self.backend.checkpoint_state(model, optimizer)  # collective for sharded backends
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        writer = FileSystemWriter(str(tmp / DCP_DIR), sync_files=True)
+        if self.async_save:
+            self._published.clear()
+            future = dcp_async_save(state, writer, self._pg, self.info.distributed)
+            del state
+            if self.info.is_main:
+                future.add_done_callback(lambda f: self._publish_async(f, tmp, final))
+            self._pending = (future, tmp, final)
+            return str(final)
+        try:
+            dcp_save(state, writer, self.info.distributed)
+        except Exception as e:  # noqa: BLE001 - DCP raises on every rank alike; one line, then stop
+            error = e
+        del state
+        self._agree(error, tmp, final)
+        if self.info.is_main:
+            try:
+                self._publish(tmp, final)
+            except OSError as e:
+                error = e
+        self._agree(error, tmp, final)
+        return str(final)
+
+    def wait(self) -> None:
+        """Block until the previous async save is written and published; raise if it failed."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        error = None
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001
+            error = e
+        if self.info.is_main:
+            self._published.wait()
+            error = error or self._publish_error
+            self._publish_error = None
+        self._agree(error, tmp, final)
+
+    def _publish_async(self, future: Future, tmp: Path, final: Path) -> None:
+        try:
+            if future.exception() is None:
+                self._publish(tmp, final)
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            self._publish_error = e
+        finally:
+            self._published.set()
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rank 0, after every rank's files are written: manifest, fsync, rename, fsync the parent, rotate."""
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write_bytes(tmp / MANIFEST, json.dumps({"files": files}, indent=1).encode())
+        for d in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
+            _fsync(d)
+        if final.exists():  # a checkpoint of the same step (a resumed run saving it again)
+            old = final.with_name(f".trash-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        if save_total_limit:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier(info)
-    return final
+        _fsync(self.root)
+        if self.save_total_limit:
+            for stale in list_checkpoints(self.root)[:-self.save_total_limit]:
+                trash = stale.with_name(f".trash-{stale.name}")
+                os.replace(stale, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            _fsync(self.root)
+
+    def _agree(self, error: BaseException | None, tmp: Path, final: Path) -> None:
+        """Every rank learns whether any rank failed, so all stop together with the same line."""
+        failed = all_reduce_max(1 if error is not None else 0, self.info.device) if self.info.distributed \
+            else int(error is not None)
+        if not failed:
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p for p in list_checkpoints(self.root) if p != final]
+        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        why = _reason(error) if error is not None else "another rank failed to write its part"
+        raise CheckpointWriteError(f"{final.name} could not be written ({why}); {kept}")
+
+    # --- load -------------------------------------------------------------------------------------
+    def load(self, path: Path, model, optimizer, scheduler, run_facts: dict) -> dict:
+        """Restore weights, optimizer, schedule and (same world size) RNG; returns the trainer state."""
+        state = json.loads((path / STATE_FILE).read_text())
+        if state.get("format_version") != FORMAT_VERSION:
+            raise IncompatibleCheckpoint(f"--resume_from_checkpoint {path}: checkpoint format "
+                                         f"{state.get('format_version', 1)}, this chattune reads {FORMAT_VERSION}")
+        check_run_facts(path, state.get("run", {}), run_facts)
+        self.backend.load_checkpoint_state(path, model, optimizer)
+        scheduler.load_state_dict(_fit_groups(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
+                                              len(optimizer.param_groups)))
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the schedule's current rate, whatever the optimizer's own groups held
+        rng_file = path / f"rng_state_rank{self.info.rank}.pt"
+        if rng_file.is_file() and state.get("world_size") == self.info.world_size:
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        return state
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo, backend) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    state = json.loads((path / STATE_FILE).read_text())
-    saved_by = state.get("backend", "single")
-    kind = {"fsdp": "fsdp", "deepspeed": "deepspeed"}  # single and ddp share one file layout
-    if kind.get(saved_by, "plain") != kind.get(backend.name, "plain"):
-        raise ValueError(f"--resume_from_checkpoint {path}: written by the {saved_by} backend, which stores "
-                         f"weights differently from {backend.name}; resume with the same kind of backend")
-    backend.load_state(path, model, optimizer)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng_file = path / f"rng_state_rank{info.rank}.pt"
-    if rng_file.is_file() and state.get("world_size") == info.world_size:
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return state
+def _fit_groups(scheduler_state: dict, groups: int) -> dict:
+    """Backends group parameters differently (DeepSpeed's flat groups, torch's decay / no-decay), and the
+    schedule keeps one entry per group. Every group follows the same schedule here (one --learning_rate),
+    so the first entry serves them all."""
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        value = scheduler_state.get(key)
+        if isinstance(value, list) and value and len(value) != groups:
+            scheduler_state[key] = [value[0]] * groups
+    return scheduler_state
 
 
-def save_model_files(directory: Path, model, optimizer, is_peft: bool) -> None:
-    """Single-process/DDP checkpoint payload, written by rank 0: weights (or adapter) + optimizer."""
-    if is_peft:
-        model.save_pretrained(directory)  # adapter_model.safetensors + adapter_config.json
-    else:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        _save_dedup(tensors, directory / "model.safetensors")
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+def dcp_save(state: dict, writer, distributed: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=writer, no_dist=not distributed)
 
 
-def load_model_files(directory: Path, model, optimizer, is_peft: bool) -> None:
-    if is_peft:
-        from peft import set_peft_model_state_dict
+def dcp_async_save(state: dict, writer, process_group, distributed: bool) -> Future:
+    import torch.distributed.checkpoint as dcp
 
-        weights = load_file(str(directory / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, weights)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"{directory}: adapter has keys the model lacks: {unexpected[:5]}")
-    else:
-        from safetensors import safe_open
-
-        weights = load_file(str(directory / "model.safetensors"))
-        with safe_open(str(directory / "model.safetensors"), "pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        for alias, source in aliases.items():
-            weights[alias] = weights[source]
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]})")
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-
-
-def _save_dedup(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors refuses shared storage (tied embeddings): store each storage once, remember aliases."""
-    seen: dict[tuple, str] = {}
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for k, v in tensors.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
-            aliases[k] = seen[key]
-        else:
-            seen[key] = k
-            unique[k] = v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
-    save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
+    result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed)
+    return getattr(result, "upload_completion", result)  # an AsyncSaveResponse with an async stager

@@ -23,7 +23,16 @@ Scale rules (DESIGN.md §3):
 Gradient accumulation stays ours: every micro-batch calls `engine.backward(loss, scale_wrt_gas=False)`
 (our loss is already divided by the step's global supervised-token count). The engine's step clips,
 and discards the update when the gradients are not finite; a non-finite micro-batch loss is turned
-into NaN gradients first, so the engine discards that step too (`steps_itself`).
+into NaN gradients first, so the engine discards that step too (`optimizer_step` reports it not applied).
+
+Resumable checkpoints are not DeepSpeed's own files (which load only on the same world size) but the
+portable layout every backend shares (train/portable_state.py): each trainable parameter's fp32 master
+copy and optimizer states are assembled one parameter at a time with DeepSpeed's public
+`safe_get_full_fp32_param` / `safe_get_full_optimizer_state`, and each rank hands DCP only its slice
+(a DTensor shard). Loading reads the slices back, assembles one full tensor at a time and sets it with
+`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`; the model's own (16-bit) weights are then
+refreshed from the fp32 masters. So a ZeRO-3 checkpoint from 2 ranks resumes on 1, under FSDP2 or in a
+single process, and the other way round.
 """
 
 from __future__ import annotations
@@ -41,7 +50,6 @@ from train.sharding_config import FSDPConfigError, zero_stage
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
-    steps_itself = True
 
     def __init__(self, info: DistInfo, ds_config: dict, is_peft: bool, quantized: bool = False):
         super().__init__(info, is_peft)
@@ -129,19 +137,14 @@ class DeepSpeedBackend(Backend):
         if not engine.is_gradient_accumulation_boundary():
             engine.step()  # only advances the engine's micro-step counter
 
-    def clip_and_norm(self, model, max_norm: float) -> float:
-        raise NotImplementedError("DeepSpeed clips inside its step; read grad_norm_after_step()")
-
-    def step(self, optimizer) -> bool:
+    def optimizer_step(self, model, optimizer, max_norm: float, loss_is_finite: bool, scaler=None) -> tuple[bool, float]:
+        """The engine clips (gradient_clipping from --max_grad_norm) and discards a non-finite update itself."""
         skipped = self.engine.skipped_steps
         self.engine.step()
-        return self.engine.skipped_steps == skipped
-
-    def grad_norm_after_step(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         if isinstance(norm, torch.Tensor):
             norm = norm.item()
-        return float(norm) if norm is not None else None
+        return self.engine.skipped_steps == skipped, float("nan") if norm is None else float(norm)
 
     def make_grad_scaler(self):
         return None  # the JSON's fp16 block: DeepSpeed's own dynamic loss scaler
@@ -179,12 +182,129 @@ class DeepSpeedBackend(Backend):
                 return param.data.detach().cpu().clone()
         return param.data
 
-    def save_state(self, directory: Path, model, optimizer) -> None:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False,
-                                    exclude_frozen_parameters=self.is_peft)
+    # --- the portable checkpoint (train/portable_state.py) --------------------------------------------
+    def _checkpointed(self, model) -> list[tuple[list[str], torch.nn.Parameter]]:
+        """(every name of, parameter) for what a checkpoint holds: trainable parameters (LoRA) or all of them;
+        a tied weight is stored under each of its names, as torch's model state dicts do."""
+        module = self.unwrap(model)
+        names: dict[int, list[str]] = {}
+        params: dict[int, torch.nn.Parameter] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if p.requires_grad or not self.is_peft:
+                names.setdefault(id(p), []).append(name)
+                params[id(p)] = p
+        return [(names[k], params[k]) for k in names]
 
-    def load_state(self, directory: Path, model, optimizer) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_optimizer_states=True,
-                                              load_lr_scheduler_states=False, load_module_strict=not self.is_peft)
-        if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed state to resume from")
+    def _state_keys(self, optimizer) -> list[str]:
+        """Optimizer state tensors kept per parameter (exp_avg, exp_avg_sq for Adam; none for plain SGD)."""
+        for state in optimizer.state.values():
+            return sorted(k for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor) and v.dim() > 0)
+        return []
+
+    def _ensure_optimizer_state(self, optimizer, keys: list[str]) -> None:
+        """ZeRO creates optimizer states lazily, at the first step; a resume sets them before that, so they
+        are created here as the optimizer would (zeros; the step count as a tensor for torch's optimizers,
+        an int for DeepSpeed's CPU Adam) and ZeRO-1/2 is told to link its per-parameter views to them."""
+        zero = self.engine.optimizer
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])
+        torch_optim = type(optimizer).__module__.startswith("torch.optim")
+        on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+        for flat in flats:
+            state = optimizer.state[flat]
+            if state:
+                continue
+            state["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu") \
+                if torch_optim else 0
+            for key in keys:
+                state[key] = torch.zeros_like(flat)
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _step_count(self, optimizer) -> torch.Tensor:
+        for state in optimizer.state.values():
+            if "step" in state:
+                return torch.as_tensor(state["step"], dtype=torch.float32).detach().clone().cpu()
+        for group in optimizer.param_groups:
+            if "step" in group:
+                return torch.tensor(float(group["step"]))
+        return torch.tensor(0.0)
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.info.device.type, (self.info.world_size,))
+
+    @torch.no_grad()
+    def checkpoint_state(self, model, optimizer) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        mesh = self._mesh()
+        keys = self._state_keys(optimizer)
+        step = self._step_count(optimizer)
+        weights: dict[str, torch.Tensor] = {}
+        optim: dict[str, dict] = {}
+        for names, param in self._checkpointed(model):
+            full = safe_get_full_fp32_param(param) if param.requires_grad else self._gather_frozen(param).float()
+            weights.update(dict.fromkeys(names, _my_shard(full, mesh)))
+            if param.requires_grad:
+                entry = {"step": step}
+                for key in keys:
+                    entry[key] = _my_shard(safe_get_full_optimizer_state(param, key), mesh)
+                optim[names[0]] = entry  # torch keys a tied parameter's optimizer state by its first name
+        if not self.is_peft:
+            persistent = set(self.unwrap(model).state_dict().keys())
+            for name, buf in self.unwrap(model).named_buffers():
+                if name in persistent:
+                    weights[name] = _my_shard(buf.detach().float(), mesh)
+        return {"model": weights, "optim": optim}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, directory: Path, model, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from train.portable_state import DCP_DIR, check_matches, saved_optimizer_keys
+
+        self._ensure_optimizer_state(optimizer, saved_optimizer_keys(directory))
+        target = self.checkpoint_state(model, optimizer)  # the layout, filled with this run's values
+        check_matches(directory, target)
+        dcp.load(target, checkpoint_id=str(directory / DCP_DIR))
+        keys = self._state_keys(optimizer)
+        module = self.unwrap(model)
+        for names, param in self._checkpointed(model):
+            full = target["model"][names[0]].full_tensor()
+            if param.requires_grad:
+                safe_set_full_fp32_param(param, full)
+                for key in keys:
+                    safe_set_full_optimizer_state(param, target["optim"][names[0]][key].full_tensor(), key)
+            if not hasattr(param, "ds_id"):  # ZeRO-1/2: every rank holds the whole 16-bit weight
+                param.data.copy_(full.to(param.dtype))
+        if not self.is_peft:
+            persistent = set(module.state_dict().keys())
+            for name, buf in module.named_buffers():
+                if name in persistent:
+                    buf.copy_(target["model"][name].full_tensor().to(buf.dtype))
+        step = next(iter(target["optim"].values()), {}).get("step")
+        if step is not None:
+            for state in optimizer.state.values():
+                if "step" in state:
+                    state["step"] = step.to(state["step"].device).clone() if isinstance(state["step"], torch.Tensor) \
+                        else int(step.item())
+            for group in optimizer.param_groups:
+                if "step" in group:
+                    group["step"] = int(step.item())
+        inner = self.engine.optimizer
+        if hasattr(inner, "fp16_partitioned_groups_flat"):  # ZeRO-3: partitioned 16-bit weights from the masters
+            for low, master in zip(inner.fp16_partitioned_groups_flat, inner.fp32_partitioned_groups_flat):
+                low.data.copy_(master.data)
+
+
+def _my_shard(full: torch.Tensor, mesh):
+    """This rank's row slice of a tensor every rank holds whole, as a DTensor (a copy: `full` can be freed)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    full = full.detach()
+    if full.dim() == 0:
+        return DTensor.from_local(full.clone(), mesh, [Replicate()])
+    shard = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+    return DTensor.from_local(shard.to_local().clone(), mesh, [Shard(0)], shape=shard.shape, stride=shard.stride())

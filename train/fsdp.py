@@ -15,26 +15,18 @@ loading, so each rank builds its own 4-bit model (~1/8 of the fp32 size) and FSD
 
 Final weights are gathered with `get_model_state_dict(full_state_dict=True, cpu_offload=True)` — for
 LoRA only the trainable parameters — so only rank 0 ever holds a copy, on CPU. Resumable checkpoints
-are sharded with `torch.distributed.checkpoint` (frozen weights excluded for LoRA) and can be loaded
-with a different world size.
+are the DTensor shards in the portable layout (train/portable_state.py, the base class's methods):
+frozen weights excluded for LoRA, loadable by any world size and backend.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -190,23 +182,3 @@ class FSDPBackend(Backend):
                 if self.info.is_main:
                     out[name] = full.detach().cpu().clone()
         return out if self.info.is_main else None
-
-    # resumable, sharded: model + optimizer through DCP (resharded on load if the world size changed)
-    def _resumable_state(self, model, optimizer) -> tuple[dict, StateDictOptions]:
-        options = StateDictOptions(ignore_frozen_params=self.is_peft, strict=not self.is_peft)
-        state = {"model": get_model_state_dict(model, options=options),
-                 "optim": get_optimizer_state_dict(model, optimizer, options=options)}
-        if self.is_peft:  # a tied frozen weight (lm_head = embeddings) escapes ignore_frozen_params
-            trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-            state["model"] = {k: v for k, v in state["model"].items() if k in trainable}
-        return state, options
-
-    def save_state(self, directory: Path, model, optimizer) -> None:
-        state, _ = self._resumable_state(model, optimizer)
-        dcp.save(state, checkpoint_id=str(directory / "dcp"))
-
-    def load_state(self, directory: Path, model, optimizer) -> None:
-        state, options = self._resumable_state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(directory / "dcp"))
-        set_model_state_dict(model, state["model"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)

@@ -152,26 +152,13 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
         micro = [stream.next()[1] for _ in range(cfg.gradient_accumulation_steps)]
         batches = [collate([[samples[i] for i in unit] for unit in units]) for units in micro]
         loss, n_sup = accumulate_gradients(model, batches, backend, info, precision.autocast_dtype, scaler)
-        if backend.steps_itself:  # DeepSpeed: the engine clips and discards a non-finite update itself
-            applied = backend.step(optimizer)
-            grad_norm = backend.grad_norm_after_step()
-            grad_norm = float("nan") if grad_norm is None else grad_norm
-            if applied and not math.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss at step {state.step + 1} (loss={loss}) but the DeepSpeed engine "
-                                     f"applied the update (grad_norm={grad_norm}); stopping. Last checkpoint: "
-                                     f"{state.last_checkpoint or 'none'}.")
-        else:
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # the norm and clipping see true gradients
-            grad_norm = backend.clip_and_norm(model, cfg.max_grad_norm)
-            applied = math.isfinite(loss) and math.isfinite(grad_norm)
-            if applied and scaler is not None:
-                scaler.step(optimizer)  # unscaled already; steps unless it recorded an overflow
-            elif applied:
-                backend.step(optimizer)
-            if scaler is not None:
-                scaler.update()
-                state.grad_scaler = scaler.state_dict()
+        applied, grad_norm = backend.optimizer_step(model, optimizer, cfg.max_grad_norm, math.isfinite(loss), scaler)
+        if scaler is not None:
+            state.grad_scaler = scaler.state_dict()
+        if applied and not math.isfinite(loss):  # a backend that decides for itself (DeepSpeed checks gradients only)
+            raise NonFiniteError(f"non-finite loss at step {state.step + 1} (loss={loss}) but the {backend.name} backend "
+                                 f"applied the update (grad_norm={grad_norm}); stopping. Last checkpoint: "
+                                 f"{state.last_checkpoint or 'none'}.")
         if not applied and precision.loss_scaling and math.isfinite(loss):
             backend.zero_grad(optimizer)
             tracker.message(f"[train] step {state.step + 1}: fp16 gradients overflowed; step skipped and loss scale "

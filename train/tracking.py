@@ -11,17 +11,42 @@ from data.progress import progress_disabled
 from train.config import TrainConfig, run_name, to_dict
 
 
+def keep_metrics_through(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (logged after the checkpoint a run resumes from, or by an
+    earlier run in this directory when it starts fresh), so every step is in metrics.jsonl exactly once
+    however often the run is resumed. Rewritten through a temp file and a rename: a crash here loses nothing."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a row cut short by a crash
+        if row_step <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class Tracker:
-    def __init__(self, cfg: TrainConfig, is_main: bool, total_steps: int, start_step: int = 0):
+    """`start_step`: the step a run starts or resumes at; `wandb_id`: the wandb run to continue (recorded
+    in each checkpoint), so a resumed run logs into the same wandb run."""
+
+    def __init__(self, cfg: TrainConfig, is_main: bool, total_steps: int, start_step: int = 0,
+                 wandb_id: str | None = None):
         self.is_main = is_main
         self.cfg = cfg
         self.total = total_steps
+        self.wandb_id = wandb_id
         self._wandb = None
         self._tb = None
         self._progress = None
         if not is_main:
             return
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        keep_metrics_through(Path(cfg.output_dir) / "metrics.jsonl", start_step)
         self._metrics = open(Path(cfg.output_dir) / "metrics.jsonl", "a", encoding="utf-8")
         targets = {"wandb", "tensorboard"} if cfg.report_to == "all" else {cfg.report_to}
         if "wandb" in targets:
@@ -29,8 +54,9 @@ class Tracker:
                 import wandb
             except ImportError as e:
                 raise RuntimeError("--report_to wandb needs the wandb package") from e
+            self.wandb_id = wandb_id or wandb.util.generate_id()
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "chattune"), name=run_name(cfg),
-                                     config=to_dict(cfg), dir=cfg.output_dir, resume="allow")
+                                     config=to_dict(cfg), dir=cfg.output_dir, id=self.wandb_id, resume="allow")
         if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
 

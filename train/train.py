@@ -19,7 +19,7 @@ from data.dataset import DataBuildError, DataConfig, build_dataset, lengths_of  
 from data.tokenizer import load_tokenizer  # noqa: E402
 from data.validate import DataError, ValidationOptions  # noqa: E402
 from train.backend_select import make_backend  # noqa: E402
-from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
+from train.checkpoint import Checkpointer, lengths_fingerprint, resolve_resume  # noqa: E402
 from train.collate import collate_packed, collate_padded  # noqa: E402
 from train.config import ACCEPTED_NO_OP, ConfigError, TrainConfig, parse_args  # noqa: E402
 from train.distributed import cleanup, init_distributed, print0  # noqa: E402
@@ -91,36 +91,48 @@ def run(cfg: TrainConfig) -> int:
 
         plan = PlanConfig(cfg.per_device_train_batch_size, info.world_size, info.rank, cfg.seed, cfg.packing,
                           cfg.model_max_length, cfg.group_by_length)
-        stream = MicroBatchStream(lengths_of(train_ds), plan)  # plans read the lengths column only
+        lengths = lengths_of(train_ds)
+        stream = MicroBatchStream(lengths, plan)  # plans read the lengths column only
         per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
+        global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * info.world_size
+        # what a checkpoint must share with the run that resumes it (train/checkpoint.py RUN_FACTS)
+        run_facts = {"mode": mode, "global_batch": global_batch, "packing": cfg.packing,
+                     "rows": cfg.model_max_length if cfg.packing else None, "group_by_length": cfg.group_by_length,
+                     "seed": cfg.seed, "data": f"{len(lengths)} samples (lengths {lengths_fingerprint(lengths)})"}
 
         # wrapping/sharding (FSDP, DeepSpeed) precedes the optimizer, which sees the wrapped parameters
         wrapped, optimizer = backend.setup(model, lambda m: make_optimizer(cfg, m))
         scheduler = make_scheduler(cfg, optimizer, total_steps)
+        checkpointer = Checkpointer(cfg.output_dir, info, backend, cfg.save_total_limit, cfg.async_save)
         state = LoopState()
+        saved: dict = {}
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume is not None:
-            saved = load_checkpoint(resume, wrapped, optimizer, scheduler, info, backend)
+            saved = checkpointer.load(resume, wrapped, optimizer, scheduler, run_facts)
             state = LoopState.from_dict(saved)
-            state.sampler = rescale_sampler_state(state.sampler, saved.get("world_size", info.world_size),
-                                                  saved.get("per_device_train_batch_size", cfg.per_device_train_batch_size),
+            state.sampler = rescale_sampler_state(state.sampler, saved["world_size"], saved["per_device_train_batch_size"],
                                                   info.world_size, cfg.per_device_train_batch_size)
             state.last_checkpoint = str(resume)
-            print0(f"[train] resumed from {resume} at step {state.step}")
+            print0(f"[train] resumed from {resume} at step {state.step} (epoch {state.sampler.epoch}, "
+                   f"{saved['units_consumed']} {'rows' if cfg.packing else 'samples'} of it consumed; written by "
+                   f"{saved['world_size']} process(es), backend={saved['backend']})")
+        elif str(cfg.resume_from_checkpoint).lower() == "auto":
+            print0(f"[train] --resume_from_checkpoint auto: no complete checkpoint in {cfg.output_dir}; starting fresh")
         print0(f"[train] {mode} fine-tune on {info.world_size} process(es), backend={backend.name}: {len(samples)} samples, "
-               f"{per_epoch} steps/epoch, {total_steps} steps, global batch "
-               f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * info.world_size}"
+               f"{per_epoch} steps/epoch, {total_steps} steps, global batch {global_batch}"
                f"{' packed rows' if cfg.packing else ''}")
+        tracker = Tracker(cfg, info.is_main, total_steps, state.step, wandb_id=saved.get("wandb_id"))
 
         def save(st: LoopState) -> str:
-            return str(save_checkpoint(cfg.output_dir, st.step, wrapped, optimizer, scheduler,
-                                       {**st.as_dict(), "per_device_train_batch_size": cfg.per_device_train_batch_size},
-                                       info, backend, cfg.save_total_limit))
+            units = st.sampler.micro_index * info.world_size * cfg.per_device_train_batch_size
+            return checkpointer.save(st.step, wrapped, optimizer, scheduler, {
+                **st.as_dict(), "units_consumed": units, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "run": run_facts,
+                "wandb_id": tracker.wandb_id})
 
         eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info, precision.autocast_dtype)) \
             if eval_samples else None
-        tracker = Tracker(cfg, info.is_main, total_steps, state.step)
         install_signal_handlers()
         try:
             state = train_loop(cfg=cfg, info=info, backend=backend, model=wrapped, optimizer=optimizer,
@@ -129,10 +141,11 @@ def run(cfg: TrainConfig) -> int:
                                precision=precision)
             if eval_fn is not None and cfg.evaluation_strategy != "no":
                 tracker.log(state.step, eval_fn())
+            if cfg.save_strategy != "no" and not (state.last_checkpoint or "").endswith(f"checkpoint-{state.step}"):
+                save(state)
         finally:
             tracker.close()
-        if cfg.save_strategy != "no" and not (state.last_checkpoint or "").endswith(f"checkpoint-{state.step}"):
-            save(state)
+            checkpointer.wait()  # an async save in flight is finished (or its failure reported) before exit
         # gathered collectively onto rank 0's CPU: the whole model, or only the adapter's trainable weights
         final_state = backend.export_state(wrapped, trainable_only=mode != "full")
         out = export_model(backend.unwrap(wrapped), final_state, tokenizer, cfg, mode, info.is_main,
