@@ -1,6 +1,10 @@
-"""Model preparation for a run: dtype, attention implementation, gradient checkpointing, LoRA/QLoRA."""
+"""Model preparation for a run: dtype, attention implementation, gradient checkpointing, LoRA/QLoRA
+(optionally starting from an existing adapter, --lora_weight_path), NEFTune noise (--neftune_noise_alpha)."""
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 
@@ -24,7 +28,8 @@ def model_config(cfg: TrainConfig):
     """The model's HF config (architecture, sizes) without loading any weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code,
+                                      cache_dir=cfg.cache_dir)
 
 
 def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", precision: Precision | None = None):
@@ -36,6 +41,8 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
     precision = precision or resolve_precision(cfg.bf16, cfg.fp16, info.device)
     model_dir = resolve_model_dir(cfg.model_name_or_path)
     kwargs: dict = {"attn_implementation": attention_implementation(cfg, announce=not meta)}
+    if cfg.cache_dir:
+        kwargs["cache_dir"] = cfg.cache_dir
     dtype = torch.float32
     if cfg.q_lora:
         from transformers import BitsAndBytesConfig
@@ -57,7 +64,8 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
             raise ValueError("--q_lora: a 4-bit model cannot be built on the meta device")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype,
-                                                     trust_remote_code=cfg.trust_remote_code, **kwargs)
+                                                     trust_remote_code=cfg.trust_remote_code,
+                                                     **{k: v for k, v in kwargs.items() if k != "cache_dir"})
     else:
         model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
@@ -76,15 +84,25 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
                 disable_avx512bf16_repack(model)
         elif cfg.gradient_checkpointing:
             model.enable_input_require_grads()
+        targets = cfg.lora_target_modules
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
-            target_modules=cfg.lora_target_modules or "all-linear", use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+            target_modules="all-linear" if targets in ([], ["all-linear"]) else targets, use_dora=cfg.use_dora,
+            task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:  # e.g. no module of the model matches a target name
+            raise ValueError(f"--lora_target_modules {' '.join(targets) or 'all-linear'}: "
+                             f"{' '.join(str(e).split())}") from None
+        if cfg.lora_weight_path and not meta:  # FSDP2's meta copy is filled from rank 0's loaded one
+            load_adapter_weights(model, cfg.lora_weight_path)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 even on a bf16 base
         model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
+    if cfg.neftune_noise_alpha > 0:
+        install_neftune(model, cfg.neftune_noise_alpha)
     chunked = install_chunked_loss(model)  # the loss never holds tokens × vocab fp32 logits
     if not meta:
         n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
@@ -92,6 +110,56 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
         print0(f"[model] {type(model).__name__} from {cfg.model_name_or_path}: {n_train:,} trainable / {n_all:,} "
                f"parameters, attention={kwargs['attn_implementation']}, loss={'chunked' if chunked else 'plain'}")
     return model
+
+
+def load_adapter_weights(model, path: str) -> int:
+    """Start LoRA training from an existing adapter's weights (FastChat's --lora_weight_path): every adapter
+    tensor of `model` must be in the file with the same shape, and the file must hold nothing else."""
+    from peft import set_peft_model_state_dict
+
+    from train.config import ADAPTER_FILES
+
+    directory = os.path.expanduser(path)
+    file = next(os.path.join(directory, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(directory, n)))
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as e:  # size mismatch: the adapter has another LoRA rank (--lora_r)
+        first = str(e).strip().splitlines()
+        raise ValueError(f"--lora_weight_path {path}: its tensors do not fit this LoRA (--lora_r {_r(model)}, the "
+                         f"target modules): {' '.join(' '.join(first[1:2] or first[:1]).split())}") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        what = f"{len(missing)} adapter tensor(s) missing, e.g. {missing[0]}" if missing else \
+            f"{len(result.unexpected_keys)} tensor(s) this LoRA does not have, e.g. {result.unexpected_keys[0]}"
+        raise ValueError(f"--lora_weight_path {path}: {what} (are --lora_target_modules and --use_dora the ones it "
+                         "was trained with?)")
+    n = len(state)
+    print0(f"[model] LoRA weights loaded from {path} ({n} tensors)")
+    return n
+
+
+def _r(model) -> int:
+    return model.peft_config["default"].r
+
+
+def install_neftune(model, alpha: float):
+    """NEFTune (Jain et al., 2023) as HF Trainer applies it: in training mode the input embeddings get
+    uniform noise in [-a, a], a = alpha / sqrt(L * d) (L: the batch's sequence length, padded or packed;
+    d: hidden size); in eval mode they are untouched. A forward hook on the input embedding module;
+    returns its handle."""
+    def add_noise(module, args, output):
+        if not module.training or output.dim() < 2:
+            return output
+        bound = alpha / math.sqrt(output.size(-2) * output.size(-1))
+        return output + torch.empty_like(output).uniform_(-bound, bound)
+
+    return model.get_input_embeddings().register_forward_hook(add_noise)
 
 
 def _numel(p) -> int:

@@ -16,7 +16,7 @@ def test_fastchat_flags_parse():
         "--save_total_limit", "10", "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03",
         "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--model_max_length", "2048",
         "--gradient_checkpointing", "True", "--lazy_preprocess", "True", "--lora_target_modules", "q_proj", "v_proj",
-    ])
+    ], defaults={"lora": True})  # as train/train_lora.py: LoRA flags without LoRA are refused
     assert cfg.bf16 and cfg.gradient_checkpointing and cfg.lazy_preprocess
     assert cfg.gradient_accumulation_steps == 16 and cfg.learning_rate == 2e-5 and cfg.lr_scheduler_type == "cosine"
     assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.evaluation_strategy == "no"
