@@ -267,10 +267,40 @@ SCHEDULE_CASES = {
 }
 
 
+# the class that stepped, and how its state is stored
+OPTIMIZER_CLASSES = {"adamw_torch": "AdamW", "adamw_hf": "AdamW", "adamw_torch_fused": "AdamW", "sgd": "SGD",
+                     "adafactor": "Adafactor", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                     "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
+def _spy_on_steps(monkeypatch) -> list[dict]:
+    """Record every optimizer step: class, fused flag, state dtypes (patched on the optimizer classes, so it
+    does not depend on how train.py builds its optimizer)."""
+    import bitsandbytes as bnb
+    from transformers.optimization import Adafactor
+
+    calls: list[dict] = []
+    classes = [torch.optim.AdamW, torch.optim.SGD, Adafactor, bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit,
+               bnb.optim.PagedAdamW32bit]
+    for cls in classes:
+        original = cls.step
+
+        def step(self, *args, _original=original, **kwargs):
+            result = _original(self, *args, **kwargs)
+            dtypes = {v.dtype for st in self.state.values() for k, v in st.items()
+                      if torch.is_tensor(v) and k in ("state1", "state2", "exp_avg", "exp_avg_sq")}
+            calls.append({"cls": type(self).__name__, "fused": self.defaults.get("fused"), "state": dtypes})
+            return result
+
+        monkeypatch.setattr(cls, "step", step)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def run_training(tiny_llama, tmp_path_factory):
     """Train in-process with the shared tiny model and the demo data; returns (rc, output dir). Runs with the
-    same flags are made once (the default-flag run serves several tests)."""
+    same flags are made once (the default-flag run serves several tests); `run_training.optimizer_steps[out]`
+    holds the optimizer steps of the run that wrote `out`."""
     from train.train import main
 
     root = tmp_path_factory.mktemp("flags")
@@ -287,11 +317,11 @@ def run_training(tiny_llama, tmp_path_factory):
                         "chatml", "--model_max_length", "96", "--per_device_train_batch_size", "2", "--max_steps",
                         str(steps), "--logging_steps", "1", "--save_strategy", "no", "--seed", "3", *extra]
                 calls.clear()
-                rc = main(argv)
-                (out / "optimizer_steps.json").write_text(json.dumps(calls, default=str))
-                done[key] = (rc, out)
+                done[key] = (main(argv), out)
+                train.optimizer_steps[out] = list(calls)
             return done[key]
 
+        train.optimizer_steps = {}
         yield train
 
 
@@ -319,35 +349,6 @@ def test_every_lr_scheduler_type_follows_its_schedule(case, run_training):
         assert lr == pytest.approx(want, abs=2e-6), (case, step, logged, expected)
 
 
-# the class that stepped, and how its state is stored
-OPTIMIZER_CLASSES = {"adamw_torch": "AdamW", "adamw_hf": "AdamW", "adamw_torch_fused": "AdamW", "sgd": "SGD",
-                     "adafactor": "Adafactor", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                     "paged_adamw_32bit": "PagedAdamW32bit"}
-
-
-def _spy_on_steps(monkeypatch) -> list[dict]:
-    """Record every optimizer step: class, fused flag, state dtypes (patched on the optimizer classes, so it
-    does not depend on how train.py builds its optimizer)."""
-    import bitsandbytes as bnb
-    from transformers.optimization import Adafactor
-
-    calls: list[dict] = []
-    classes = [torch.optim.AdamW, torch.optim.SGD, Adafactor, bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit,
-               bnb.optim.PagedAdamW32bit]
-    for cls in classes:
-        original = cls.step
-
-        def step(self, *args, _original=original, **kwargs):
-            result = _original(self, *args, **kwargs)
-            dtypes = {v.dtype for st in self.state.values() for k, v in st.items()
-                      if torch.is_tensor(v) and k in ("state1", "state2", "exp_avg", "exp_avg_sq")}
-            calls.append({"cls": type(self).__name__, "fused": self.defaults.get("fused"), "state": sorted(map(str, dtypes))})
-            return result
-
-        monkeypatch.setattr(cls, "step", step)
-    return calls
-
-
 def _optim_args(optim: str) -> tuple[str, ...]:
     return "--optim", optim, "--learning_rate", "1e-3", "--save_dtype", "fp32"
 
@@ -360,12 +361,12 @@ def test_optimizer_cases_cover_every_optim():
 def test_every_optim_runs_and_is_the_optimizer_that_steps(optim, run_training, tiny_llama):
     rc, out = run_training(*_optim_args(optim))
     assert rc == 0
-    calls = json.loads((out / "optimizer_steps.json").read_text())
+    calls = run_training.optimizer_steps[out]
     assert [c["cls"] for c in calls] == [OPTIMIZER_CLASSES[optim]] * 2
     if optim in ("adamw_torch", "adamw_torch_fused"):
         assert calls[0]["fused"] is True  # the fused kernel exists for CPU
     if optim.endswith("_8bit"):
-        assert "torch.uint8" in calls[-1]["state"]  # really 8-bit optimizer state (fp32 for tensors under 4096 values)
+        assert torch.uint8 in calls[-1]["state"]  # really 8-bit optimizer state (fp32 for tensors under 4096 values)
     assert all(math.isfinite(r["loss"]) for r in _metrics(out) if "loss" in r)
     before, after = load_file(os.path.join(tiny_llama, "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before.keys() & after.keys())  # it updated the weights
