@@ -88,15 +88,33 @@ class Backend:
             scaler.update()
         return applied, grad_norm
 
-    def export_state(self, model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-        """Final weights on rank 0's CPU (other ranks get None; every rank must call): the full state
-        dict, or only the trainable parameters (a LoRA adapter), in their master precision."""
-        if not self.info.is_main:
-            return None
+    # --- final export: one tensor at a time, so rank 0 never holds a second copy of the model ------------
+    def export_entries(self, model, trainable_only: bool) -> list[tuple[str, torch.Tensor]]:
+        """(name, this rank's tensor) for what the export holds: the trainable parameters (an adapter) or every
+        parameter (a tied weight once, under its first name, as save_pretrained writes it) and persistent buffer."""
         module = self.unwrap(model)
-        if trainable_only:
-            return {k: p.detach().cpu() for k, p in module.named_parameters() if p.requires_grad}
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        entries = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+        if not trainable_only:
+            persistent = set(module.state_dict().keys())
+            entries += [(n, b) for n, b in module.named_buffers() if n in persistent]
+        return entries
+
+    def global_shape(self, tensor: torch.Tensor) -> torch.Size:
+        return tensor.shape
+
+    def gather_full(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The whole tensor on rank 0's CPU in its master precision (None elsewhere); every rank calls."""
+        return tensor.detach().cpu() if self.info.is_main else None
+
+    def export_tensors(self, model, trainable_only: bool):
+        """Yields (name, tensor) on rank 0 and (name, None) elsewhere; every rank must exhaust it (collective)."""
+        for name, tensor in self.export_entries(model, trainable_only):
+            yield name, self.gather_full(tensor)
+
+    def export_state(self, model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        """The gathered tensors as one dict on rank 0 (for adapters; a full model is streamed instead)."""
+        out = {name: t.clone() for name, t in self.export_tensors(model, trainable_only) if t is not None}
+        return out if self.info.is_main else None
 
     def checkpoint_state(self, model, optimizer) -> dict:
         """The portable resumable state (every rank calls; sharded backends return their shards)."""

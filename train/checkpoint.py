@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from train.distributed import DistInfo, all_reduce_max
-from train.portable_state import DCP_DIR, IncompatibleCheckpoint
+from train.portable_state import DCP_DIR, IncompatibleCheckpoint, single_process_quiet
 
 FORMAT_VERSION = 2
 STATE_FILE = "trainer_state.json"
@@ -167,8 +168,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _reason(exc: BaseException) -> str:
-    """The root cause of a failed write in a few words (DCP wraps each rank's error)."""
+def _reason(exc: BaseException, root: Path, need_bytes: int = 0) -> str:
+    """The root cause of a failed write in a few words (DCP wraps each rank's error). torch's zip writer
+    turns a failed write into "unexpected pos …", so without an OSError in the chain the usual causes are
+    checked directly: the process's file size limit and the free space where the checkpoint goes."""
     seen = [exc]
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict):
@@ -178,7 +181,18 @@ def _reason(exc: BaseException) -> str:
     for e in seen:
         if isinstance(e, OSError) and e.strerror:
             return e.strerror + (f": {e.filename}" if e.filename else "")
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < need_bytes:
+        return f"File too large: this process may write files of {limit / 2**20:,.0f} MB (ulimit -f), the checkpoint " \
+               f"needs {need_bytes / 2**20:,.0f} MB"
+    free = shutil.disk_usage(root).free
+    if free < max(need_bytes, 1):
+        return f"No space left on device: {free / 2**20:,.0f} MB free in {root}, the checkpoint needs " \
+               f"{need_bytes / 2**20:,.0f} MB"
+    text = str(seen[-1]) or str(exc)
+    return f"{type(seen[-1]).__name__}: {text.splitlines()[0][:200]}" if text else type(seen[-1]).__name__
 
 
 class Checkpointer:
@@ -194,6 +208,7 @@ class Checkpointer:
         self._published = threading.Event()
         # DCP's background write runs collectives: never on the group the step loop is using
         self._pg = dist.new_group(backend="gloo") if async_save and info.distributed else None
+        self._need_bytes = 0  # what this rank's part of the checkpoint being written takes on disk
 
     # --- save -------------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, scheduler, trainer_state: dict) -> str:
@@ -221,6 +236,7 @@ class Checkpointer:
             error = e
         self._agree(error, tmp, final)
         state = self.backend.checkpoint_state(model, optimizer)  # collective for sharded backends
+        self._need_bytes = _local_bytes(state)
         from torch.distributed.checkpoint import FileSystemWriter
 
         writer = FileSystemWriter(str(tmp / DCP_DIR), sync_files=True)
@@ -234,7 +250,7 @@ class Checkpointer:
             return str(final)
         try:
             dcp_save(state, writer, self.info.distributed)
-        except Exception as e:  # noqa: BLE001 - DCP raises on every rank alike; one line, then stop
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank alike; one line, stop
             error = e
         del state
         self._agree(error, tmp, final)
@@ -255,7 +271,7 @@ class Checkpointer:
         error = None
         try:
             future.result()
-        except Exception as e:  # noqa: BLE001
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             error = e
         if self.info.is_main:
             self._published.wait()
@@ -296,13 +312,14 @@ class Checkpointer:
         """Every rank learns whether any rank failed, so all stop together with the same line."""
         failed = all_reduce_max(1 if error is not None else 0, self.info.device) if self.info.distributed \
             else int(error is not None)
+        need = self._need_bytes
         if not failed:
             return
         if self.info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p for p in list_checkpoints(self.root) if p != final]
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        why = _reason(error) if error is not None else "another rank failed to write its part"
+        why = _reason(error, self.root, need) if error is not None else "another rank failed to write its part"
         raise CheckpointWriteError(f"{final.name} could not be written ({why}); {kept}")
 
     # --- load -------------------------------------------------------------------------------------
@@ -324,6 +341,16 @@ class Checkpointer:
         return state
 
 
+def _local_bytes(state) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, DTensor):
+        state = state.to_local()
+    return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
+
+
 def _fit_groups(scheduler_state: dict, groups: int) -> dict:
     """Backends group parameters differently (DeepSpeed's flat groups, torch's decay / no-decay), and the
     schedule keeps one entry per group. Every group follows the same schedule here (one --learning_rate),
@@ -338,11 +365,13 @@ def _fit_groups(scheduler_state: dict, groups: int) -> dict:
 def dcp_save(state: dict, writer, distributed: bool) -> None:
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, storage_writer=writer, no_dist=not distributed)
+    with single_process_quiet():
+        dcp.save(state, storage_writer=writer, no_dist=not distributed)
 
 
 def dcp_async_save(state: dict, writer, process_group, distributed: bool) -> Future:
     import torch.distributed.checkpoint as dcp
 
-    result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed)
+    with single_process_quiet():
+        result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed)
     return getattr(result, "upload_completion", result)  # an AsyncSaveResponse with an async stager

@@ -9,10 +9,10 @@ always `--lr_scheduler_type`, stepped by the recipe on the optimizer inside the 
 Scale rules (DESIGN.md §3):
 - ZeRO-3 partitions at construction: an `HfDeepSpeedConfig` is alive while the model is built, so
   transformers' `from_pretrained` builds under `deepspeed.zero.Init` and only rank 0 reads the weights.
-- Saves gather collectively: every rank takes part in assembling each parameter's full fp32 master
-  copy (`safe_get_full_fp32_param`), rank 0 keeps it on CPU. This is what makes the LoRA adapter real
-  when ZeRO-3 keeps parameters partitioned (`stage3_param_persistence_threshold`), and what makes
-  `--save_dtype fp32` really fp32.
+- Saves gather collectively, one parameter at a time: every rank takes part in assembling each
+  parameter's full fp32 master copy (`safe_get_full_fp32_param`), rank 0 streams it to the export.
+  This is what makes the LoRA adapter real when ZeRO-3 keeps parameters partitioned
+  (`stage3_param_persistence_threshold`), and what makes `--save_dtype fp32` really fp32.
 - On gloo (CPU), ZeRO's all-gathers write into their output in place (train/gloo_allgather.py): gloo's
   own stages a copy of the whole output, which at the tied embedding was 0.2 × the model per rank.
 - LoRA checkpoints leave the frozen base out (`exclude_frozen_parameters`).
@@ -152,27 +152,24 @@ class DeepSpeedBackend(Backend):
     def zero_grad(self, optimizer) -> None:
         pass  # the engine zeroes gradients in step()
 
+    def global_shape(self, tensor):
+        return getattr(tensor, "ds_shape", tensor.shape)  # a ZeRO-3 partitioned parameter is empty here
+
     @torch.no_grad()
-    def export_state(self, model, trainable_only: bool):
-        """Gather every (trainable) parameter's full fp32 master copy collectively; rank 0 keeps it."""
+    def gather_full(self, tensor):
+        """A trainable parameter's full fp32 master copy (collective); a frozen one's 16-bit value, gathered if
+        partitioned; a buffer as it is."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        module = self.unwrap(model)
-        out: dict[str, torch.Tensor] = {}
-        for name, param in module.named_parameters():
-            if trainable_only and not param.requires_grad:
-                continue
-            full = safe_get_full_fp32_param(param) if param.requires_grad else None
-            if full is None:  # frozen (not in the optimizer): its 16-bit value, gathered if partitioned
-                full = self._gather_frozen(param)
-            if self.info.is_main:
-                out[name] = full.detach().float().cpu().clone() if full.is_floating_point() else full.cpu().clone()
-        if not trainable_only:
-            persistent = set(module.state_dict().keys())
-            for name, buf in module.named_buffers():
-                if name in persistent and self.info.is_main:
-                    out[name] = buf.detach().cpu().clone()
-        return out if self.info.is_main else None
+        full = None
+        if isinstance(tensor, torch.nn.Parameter):
+            full = safe_get_full_fp32_param(tensor) if tensor.requires_grad else None
+            if full is None:
+                full = self._gather_frozen(tensor)
+            full = full.float() if full.is_floating_point() else full
+        else:
+            full = tensor
+        return full.detach().cpu() if self.info.is_main else None
 
     def _gather_frozen(self, param) -> torch.Tensor:
         if hasattr(param, "ds_id"):

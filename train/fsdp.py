@@ -13,8 +13,8 @@ Non-persistent buffers (rotary `inv_freq`) are in no state dict and hold garbage
 so every buffer is broadcast from rank 0's loaded model too. QLoRA is the exception: bitsandbytes quantizes tensor by tensor while
 loading, so each rank builds its own 4-bit model (~1/8 of the fp32 size) and FSDP shards that.
 
-Final weights are gathered with `get_model_state_dict(full_state_dict=True, cpu_offload=True)` — for
-LoRA only the trainable parameters — so only rank 0 ever holds a copy, on CPU. Resumable checkpoints
+Final weights are all-gathered one tensor at a time (for LoRA only the trainable ones) and streamed
+to the export file on rank 0 (train/export.py), so no rank ever holds a second copy of the model. Resumable checkpoints
 are the DTensor shards in the portable layout (train/portable_state.py, the base class's methods):
 frozen weights excluded for LoRA, loadable by any world size and backend.
 """
@@ -26,7 +26,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -171,14 +170,6 @@ class FSDPBackend(Backend):
         return float(norm)
 
     @torch.no_grad()
-    def export_state(self, model, trainable_only: bool):
-        if not trainable_only:
-            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.info.is_main else None
-        out = {}
-        for name, param in model.named_parameters():  # all-gather each adapter tensor, nothing else
-            if param.requires_grad:
-                full = param.full_tensor() if isinstance(param, DTensor) else param
-                if self.info.is_main:
-                    out[name] = full.detach().cpu().clone()
-        return out if self.info.is_main else None
+    def gather_full(self, tensor):
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # all-gather this one tensor
+        return full.detach().cpu() if self.info.is_main else None

@@ -54,7 +54,9 @@ class Tracker:
                 import wandb
             except ImportError as e:
                 raise RuntimeError("--report_to wandb needs the wandb package") from e
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            from wandb.sdk.lib.runid import generate_id
+
+            self.wandb_id = wandb_id or generate_id()
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "chattune"), name=run_name(cfg),
                                      config=to_dict(cfg), dir=cfg.output_dir, id=self.wandb_id, resume="allow")
         if "tensorboard" in targets:

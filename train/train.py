@@ -21,7 +21,7 @@ from data.validate import DataError, ValidationOptions  # noqa: E402
 from train.backend_select import make_backend  # noqa: E402
 from train.checkpoint import Checkpointer, lengths_fingerprint, resolve_resume  # noqa: E402
 from train.collate import collate_packed, collate_padded  # noqa: E402
-from train.config import ACCEPTED_NO_OP, ConfigError, TrainConfig, parse_args  # noqa: E402
+from train.config import ConfigError, TrainConfig, parse_args, startup_notes  # noqa: E402
 from train.distributed import cleanup, init_distributed, print0  # noqa: E402
 from train.export import export_model  # noqa: E402
 from train.host_memory import return_large_frees_to_os  # noqa: E402
@@ -50,9 +50,8 @@ def run(cfg: TrainConfig) -> int:
             print0(precision.note)
         if cfg.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
-        for flag, why in ACCEPTED_NO_OP.items():
-            if getattr(cfg, flag, False) and flag != "tf32":
-                print0(f"[config] --{flag}: {why}")
+        for line in startup_notes(cfg):
+            print0(line)
 
         # tokenizer and data first: a bad dataset fails before a model is loaded
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
@@ -146,9 +145,11 @@ def run(cfg: TrainConfig) -> int:
         finally:
             tracker.close()
             checkpointer.wait()  # an async save in flight is finished (or its failure reported) before exit
-        # gathered collectively onto rank 0's CPU: the whole model, or only the adapter's trainable weights
-        final_state = backend.export_state(wrapped, trainable_only=mode != "full")
-        out = export_model(backend.unwrap(wrapped), final_state, tokenizer, cfg, mode, info.is_main,
+        # gathered collectively onto rank 0's CPU one tensor at a time: the whole model, or the adapter's weights
+        trainable_only = mode != "full"
+        spec = [(n, tuple(backend.global_shape(t)), t.dtype) for n, t in backend.export_entries(wrapped, trainable_only)]
+        out = export_model(backend.unwrap(wrapped), backend.export_tensors(wrapped, trainable_only), spec, tokenizer, cfg,
+                           mode, info.is_main,
                            {"train_stats": train_stats.summary(), "steps": state.step, "precision": precision.name})
         print0(f"[train] done: {state.step} steps; model written to {out}")
         return 0

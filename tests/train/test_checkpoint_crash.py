@@ -110,7 +110,7 @@ def test_kill_9_at_random_moments_always_leaves_the_newest_complete_checkpoint_l
             model, optimizer, scheduler = _objects()
             Checkpointer(str(out), INFO, Backend(INFO)).load(newest, model, optimizer, scheduler, {})
             assert all(torch.equal(p, torch.full_like(p, step)) for p in model.parameters()), newest
-            assert len(found) <= 2  # --save_total_limit holds through kills (a newer one may be mid-rotation)
+            assert len(found) <= 3  # --save_total_limit 2, plus one when killed between publishing and rotating
     finally:
         parent.send(None)
         zygote.join(10)
@@ -136,8 +136,9 @@ def test_a_disk_that_fills_mid_save_is_one_line_and_keeps_the_previous_checkpoin
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
                           preexec_fn=_ignore_sigxfsz_and_limit(weights // 3))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
-    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert errors == [f"error: checkpoint-2 could not be written (File too large); {first} is intact"], proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or [proc.stderr[-3000:]]
+    assert line.startswith("error: checkpoint-2 could not be written (File too large") and \
+        line.endswith(f"); {first} is intact"), line
     assert "Traceback" not in proc.stderr
     assert list_checkpoints(out) == [first] and not any(p.name.startswith(".tmp") for p in out.iterdir())
     run("train.py", common(tiny_llama, out, max_steps=2, resume_from_checkpoint="auto", **flags))  # space is back

@@ -23,9 +23,9 @@ def test_ddp_two_ranks_equals_single_process(tiny_llama, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4 * max(1.0, abs(a[step])), (step, a[step], b[step])
-    wa, wb = load_file(str(single / "checkpoint-5" / "model.safetensors")), load_file(str(ddp / "checkpoint-5" / "model.safetensors"))
+    wa, wb = load_file(str(single / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_resume_continues_with_identical_losses(tiny_llama, tmp_path):
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
     shutil.copytree(straight / "checkpoint-3", resumed / ".tmp-checkpoint-6")  # a partial save is never resumed
-    (resumed / ".tmp-checkpoint-6" / "model.safetensors").write_bytes(b"garbage")
+    (resumed / ".tmp-checkpoint-6" / "scheduler.pt").write_bytes(b"garbage")
     run("train.py", common(tiny_llama, resumed, max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                            packing=True, resume_from_checkpoint=True))
     a, b = losses(straight), losses(resumed)
