@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from train.distributed import DistInfo, all_reduce_max
-from train.portable_state import DCP_DIR, IncompatibleCheckpoint, single_process_quiet
+from train.portable_state import DCP_DIR, IncompatibleCheckpoint
 
 FORMAT_VERSION = 2
 STATE_FILE = "trainer_state.json"
@@ -365,13 +365,11 @@ def _fit_groups(scheduler_state: dict, groups: int) -> dict:
 def dcp_save(state: dict, writer, distributed: bool) -> None:
     import torch.distributed.checkpoint as dcp
 
-    with single_process_quiet():
-        dcp.save(state, storage_writer=writer, no_dist=not distributed)
+    dcp.save(state, storage_writer=writer, no_dist=not distributed)
 
 
 def dcp_async_save(state: dict, writer, process_group, distributed: bool) -> Future:
     import torch.distributed.checkpoint as dcp
 
-    with single_process_quiet():
-        result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed)
+    result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed)
     return getattr(result, "upload_completion", result)  # an AsyncSaveResponse with an async stager

@@ -19,7 +19,6 @@ are not stored: they follow from the run's flags, and the learning rate from the
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 
@@ -35,6 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 DCP_DIR = "dcp"
+# DCP warns on every single-process save or load (also from its async writer thread) that it assumes one
+# process, which is what was asked for
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def _options(is_peft: bool) -> StateDictOptions:
@@ -55,20 +57,11 @@ def torch_state(model, optimizer, is_peft: bool) -> dict:
 def load_torch_state(directory: Path, model, optimizer, is_peft: bool) -> None:
     target = torch_state(model, optimizer, is_peft)
     check_matches(directory, target)
-    with single_process_quiet():
-        dcp.load(target, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
+    dcp.load(target, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
     options = _options(is_peft)
     set_model_state_dict(model, target["model"], options=options)
     groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
     set_optimizer_state_dict(model, optimizer, {"state": target["optim"], "param_groups": groups}, options=options)
-
-
-@contextlib.contextmanager
-def single_process_quiet():
-    """DCP warns on every single-process save/load that it assumes one process, which is what we asked for."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def flat_shapes(state: dict, prefix: str = "") -> dict[str, tuple[int, ...]]:

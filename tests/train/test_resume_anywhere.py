@@ -23,6 +23,8 @@ GLOBAL = {"gradient_accumulation_steps": 2, "lr_scheduler_type": "constant", "sa
 
 def _hop_flags(backend: str, nproc: int, zero3: str) -> dict:
     flags = {"per_device_train_batch_size": 2 // nproc, **GLOBAL}  # global batch 4 on every hop
+    if nproc == 2:
+        flags["async_save"] = True  # written by a background thread on its own process group; the exit waits for it
     if backend == "fsdp":
         flags["fsdp"] = "full_shard auto_wrap"
     elif backend == "zero3":
@@ -32,7 +34,7 @@ def _hop_flags(backend: str, nproc: int, zero3: str) -> dict:
 
 MODE_FLAGS = {"full": {}, "lora": {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3}}
 # (backend, processes) per hop. full: single→FSDP2 1→2, FSDP2 2→1, FSDP2→ZeRO-3 1→2, ZeRO-3 2→1, ZeRO-3→single;
-# lora: single→ZeRO-3 1→2, ZeRO-3→FSDP2 2→2, FSDP2 2→1 single.
+# lora: single→ZeRO-3 1→2, ZeRO-3→FSDP2 2→2, FSDP2 2→1 single. Two-process hops save with --async_save.
 CHAINS = {
     "full": [("single", 1), ("fsdp", 2), ("fsdp", 1), ("zero3", 2), ("zero3", 1), ("single", 1)],
     "lora": [("single", 1), ("zero3", 2), ("fsdp", 2), ("single", 1)],
