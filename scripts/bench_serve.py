@@ -155,13 +155,17 @@ def hostile(base: str, proc: subprocess.Popen, args) -> dict:
     # 3x over-admission: more concurrent requests than can run or wait
     over = 3 * (args.limit_concurrency + args.max_queue)
 
+    over_codes: collections.Counter = collections.Counter()  # the over-admission burst alone
+
     def one():
         try:
             r = httpx.post(f"{base}/v1/chat/completions", timeout=600,
                            json={"messages": msgs, "max_tokens": args.max_tokens, "temperature": 0})
             codes[r.status_code] += 1
+            over_codes[r.status_code] += 1
         except httpx.HTTPError as e:
             codes[type(e).__name__] += 1
+            over_codes[type(e).__name__] += 1
 
     threads = [threading.Thread(target=one) for _ in range(over)]
     for t in threads:
@@ -185,7 +189,8 @@ def hostile(base: str, proc: subprocess.Popen, args) -> dict:
                           json={"messages": msgs, "max_tokens": 4}).status_code
     time.sleep(1.0)
     after = rss_mb(proc.pid)
-    return {"codes": dict(codes), "over_admission": over, "stuck_slots": health.get("admitted", -1),
+    return {"codes": dict(codes), "over_admission": over, "over_admission_codes": dict(over_codes),
+            "dropped_streams": 20, "stuck_slots": health.get("admitted", -1),
             "normal_reply_after": after_ok, "rss_before_mb": before, "rss_after_mb": after,
             "no_5xx": not any(isinstance(k, int) and k >= 500 for k in codes),
             "rss_within_10pct": abs(after - before) <= 0.1 * before}
@@ -227,8 +232,9 @@ def main() -> int:
                   f"{rows[-1]['aggregate_tps'] / rows[0]['aggregate_tps']:.2f}x")
         if not args.no_hostile:
             h = hostile(base, proc, args)
-            print(f"\nhostile run: status codes {h['codes']} ({h['over_admission']} concurrent requests against "
-                  f"{args.limit_concurrency} running + {args.max_queue} queued)")
+            print(f"\nhostile run: status codes {h['codes']} in all; the {h['over_admission']} concurrent requests against "
+                  f"{args.limit_concurrency} running + {args.max_queue} queued alone: {h['over_admission_codes']}; "
+                  f"then {h['dropped_streams']} streams dropped by their clients")
             print(f"  no 5xx: {h['no_5xx']}; stuck slots after: {h['stuck_slots']}; normal reply after: "
                   f"{h['normal_reply_after']}; server RSS {h['rss_before_mb']:.0f} MB -> {h['rss_after_mb']:.0f} MB "
                   f"(within 10%: {h['rss_within_10pct']})")
