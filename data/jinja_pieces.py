@@ -6,7 +6,7 @@ shows where each datum lands and the template text between them, which must then
 (the datum itself may come back as written, stripped or JSON-quoted, as templates do). Nothing is found by
 searching the real text, and data is never parsed for special tokens.
 
-Which part of an assistant turn the model writes follows from the inference-context rule (DESIGN.md §2): the
+Which part of an assistant turn the model writes follows from the inference-context rule (docs/design.md §2): the
 template's rendering of the messages before the turn with the generation prompt (`enable_thinking` as the turn
 needs: the longest prompt that the turn's rendering starts with) ends where the turn's output begins; the output
 ends after its last special token (the end of turn). A turn counts as exact in a rendering when that rendering

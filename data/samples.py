@@ -1,4 +1,4 @@
-"""The inference-context rule (DESIGN.md §2): which samples a conversation becomes, and which turns each trains.
+"""The inference-context rule (docs/design.md §2): which samples a conversation becomes, and which turns each trains.
 
 A supervised assistant turn is trained only where the ids before it are exactly what the template gives at
 inference for the messages before it plus the generation prompt, and its own ids exactly what the template

@@ -61,7 +61,7 @@ def _llama2_style(system_template: str, sep2_eot: str, sep2_next: str):
 
     FastChat's sep2 is split in two: the end-of-turn part (` </s>` / `</s>`) is supervised with the
     reply; the part that opens the next turn (`<s>` for llama-2) is template text and is emitted only
-    when another turn follows (the dangling final `<s>` is dropped, see DESIGN.md §2).
+    when another turn follows (the dangling final `<s>` is dropped, see docs/design.md §2).
     """
 
     def render(messages: list[dict], add_generation_prompt: bool) -> list[Piece]:

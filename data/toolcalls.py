@@ -1,6 +1,6 @@
 """Tool definitions, tool calls and reasoning: parsed and checked into the normalized message form.
 
-Normalized (DESIGN.md §2, "Tools and reasoning"):
+Normalized (docs/design.md §2, "Tools and reasoning"):
   record  "tools":      [{"type": "function", "function": {"name", "description"?, "parameters"?}}, ...]
   assistant "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": {JSON object}}}]
   assistant "reasoning":  str (from `reasoning_content`, `reasoning` or a leading `<think>…</think>`)

@@ -2,7 +2,7 @@
 
     python -m data.validate PATH...   # exit 0 if clean, else 1 and `PATH:LINE: problem (record id)` lines
 
-Normalized record (DESIGN.md §2): {"id", "messages": [{"role": system|user|assistant|tool, "content", "train"?}],
+Normalized record (docs/design.md §2): {"id", "messages": [{"role": system|user|assistant|tool, "content", "train"?}],
 "tools"?} with an optional leading system message followed by user/assistant turns that alternate, starting with
 the user and containing at least one assistant reply; an assistant turn may carry `tool_calls` and `reasoning`,
 answered by `tool` messages (data/toolcalls.py). Each rule broken is reported with the file,

@@ -7,7 +7,7 @@ fp32) twice — on a random Llama of about `--params` parameters and on a tiny o
 and prints each rank's peak RSS after the first optimizer step (load + step) and at the end (after the
 final export), and the growth from the tiny run to the big one as a multiple of the big model's fp32
 size S. That growth is what the model costs each rank; the tiny run carries the fixed cost of Python,
-torch, DeepSpeed and the data. Targets (DESIGN.md §3, issue 11), for LoRA: a rank that does not load
+torch, DeepSpeed and the data. Targets (docs/design.md §3, issue 11), for LoRA: a rank that does not load
 grows ≤ 0.7 S, the loading rank (0) ≤ 1.6 S. A full fine-tune also holds its shard of the fp32
 gradients and of AdamW's two moments (≈ 3 S / N per rank more), which no sharding scheme avoids.
 """

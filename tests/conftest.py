@@ -1,4 +1,4 @@
-"""Shared fixtures: real tokenizers from the fetched assets (DESIGN.md §5), hermetic temp dirs."""
+"""Shared fixtures: real tokenizers from the fetched assets (docs/design.md §5), hermetic temp dirs."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ TRICKY = [
 
 
 def random_conversation(rng: random.Random, turns: int | None = None, system: bool | None = None) -> list[dict]:
-    """A generated multi-turn conversation with the hard cases of DESIGN.md §2 mixed into content."""
+    """A generated multi-turn conversation with the hard cases of docs/design.md §2 mixed into content."""
     turns = turns or rng.randint(1, 4)
     msgs = []
     if system if system is not None else rng.random() < 0.5:

@@ -9,7 +9,7 @@ The recipe only talks to this interface, so FSDP2 (train/fsdp.py) and DeepSpeed
   loss_scale                                      | checkpoint_state / load_checkpoint_state → the portable
                                                     resumable state (train/portable_state.py)
 `loss_scale` undoes the averaging a backend applies to gradients: our loss is already divided by the
-supervised-token count of the whole step on all ranks (DESIGN.md §3), so DDP's mean over ranks must
+supervised-token count of the whole step on all ranks (docs/design.md §3), so DDP's mean over ranks must
 be multiplied back by the world size.
 """
 
@@ -38,7 +38,7 @@ class Backend:
 
     def build_model(self, build):
         """`build(placement)` makes the model ("device" | "cpu" | "meta", see model_setup.build_model);
-        sharded backends build it so that the full weights are materialized at most once (DESIGN.md §3)."""
+        sharded backends build it so that the full weights are materialized at most once (docs/design.md §3)."""
         return build("device")
 
     def prepare(self, model):

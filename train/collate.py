@@ -11,7 +11,7 @@ samples.
   flash-attn 2 that is how transformers isolates samples (varlen) — but only for a batch of one row
   (`_is_packed_sequence`), so a micro-batch of several packed rows is flattened into a single row of
   all its samples, with no padding. With sdpa/eager restarting positions do not isolate samples
-  (DESIGN.md §4), so we pass a 4D additive block-diagonal causal mask (0 = attend, dtype min = not).
+  (docs/design.md §4), so we pass a 4D additive block-diagonal causal mask (0 = attend, dtype min = not).
 """
 
 from __future__ import annotations

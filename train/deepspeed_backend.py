@@ -6,7 +6,7 @@ mean the same run under every backend. The optimizer is chattune's (`--optim`) u
 "optimizer" block, which is then used instead; a "scheduler" block is refused (the LR schedule is
 always `--lr_scheduler_type`, stepped by the recipe on the optimizer inside the engine).
 
-Scale rules (DESIGN.md §3):
+Scale rules (docs/design.md §3):
 - ZeRO-3 partitions at construction: an `HfDeepSpeedConfig` is alive while the model is built, so
   transformers' `from_pretrained` builds under `deepspeed.zero.Init` and only rank 0 reads the weights.
 - Saves gather collectively, one parameter at a time: every rank takes part in assembling each

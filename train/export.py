@@ -1,4 +1,4 @@
-"""Final export (DESIGN.md §2): HF safetensors (full) or a PEFT adapter, the tokenizer whose
+"""Final export (docs/design.md §2): HF safetensors (full) or a PEFT adapter, the tokenizer whose
 `chat_template` is the training template, and `chattune.json` describing the run."""
 
 from __future__ import annotations

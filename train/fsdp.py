@@ -7,7 +7,7 @@ from the model) is its own unit, then the root. bf16 uses `MixedPrecisionPolicy`
 reduction unless `reduce_dtype` says otherwise); `offload` uses `CPUOffloadPolicy` (no pinned memory on
 CPU).
 
-Load once, shard early (DESIGN.md §3): every rank builds the model on the meta device and shards it;
+Load once, shard early (docs/design.md §3): every rank builds the model on the meta device and shards it;
 only rank 0 loads the real weights, which are scattered tensor by tensor into the ranks' shards.
 Non-persistent buffers (rotary `inv_freq`) are in no state dict and hold garbage after `to_empty()`,
 so every buffer is broadcast from rank 0's loaded model too. QLoRA is the exception: bitsandbytes quantizes tensor by tensor while

@@ -1,6 +1,6 @@
 """Which modules are a model's decoder layers, and which frozen weights sit outside them.
 
-Both sharded backends split a model the same way (DESIGN.md §3): each decoder layer is gathered on its
+Both sharded backends split a model the same way (docs/design.md §3): each decoder layer is gathered on its
 own, and under LoRA the frozen weights outside the layers (embeddings, final norm, LM head) are kept
 whole on every rank instead of sharded. Those are needed at the very start and the very end of the
 forward and again at the start of backward, so a sharded copy is gathered whole for most of the step

@@ -68,7 +68,7 @@ def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32
 
 
 def disable_avx512bf16_repack(model) -> int:
-    """Work around bitsandbytes' CPU AVX512-BF16 path (DESIGN.md §4): a 4-bit forward in eval mode
+    """Work around bitsandbytes' CPU AVX512-BF16 path (docs/design.md §4): a 4-bit forward in eval mode
     repacks weights and later backward silently gives no LoRA gradients for earlier layers."""
     try:
         from bitsandbytes.nn import Linear4bit

@@ -2,7 +2,7 @@
 
 `--bf16 True` (FastChat's flag) means: bf16 autocast where the device computes bf16 natively — a CUDA
 GPU with bf16 (Ampere and newer), a CPU with AVX512-BF16 or AMX-BF16 (or Arm BF16). On a CPU without it,
-bf16 matmuls are emulated and 10-20x slower than fp32 (DESIGN.md §4), so the run computes in fp32 and
+bf16 matmuls are emulated and 10-20x slower than fp32 (docs/design.md §4), so the run computes in fp32 and
 says so in one line; `--bf16 force` uses bf16 anyway. On a CUDA GPU without bf16 (T4, V100, RTX 20xx),
 `--bf16 True` is an error that points to `--fp16 True`: fp16 autocast with dynamic loss scaling.
 Master weights and optimizer state stay fp32 in every case (adapters too).

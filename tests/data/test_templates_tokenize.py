@@ -88,7 +88,7 @@ def test_prompt_equals_fastchat(template):
         ours = render_text(msgs, template)
         theirs = conv.get_prompt()
         if template == "llama-2":
-            theirs = theirs.removesuffix("<s>")  # FastChat's dangling <s> after the last reply (DESIGN.md §2)
+            theirs = theirs.removesuffix("<s>")  # FastChat's dangling <s> after the last reply (docs/design.md §2)
         assert ours == theirs
         # and the generation prompt matches FastChat's trailing empty assistant message
         conv2 = get_conv_template(template)

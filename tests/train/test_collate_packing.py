@@ -65,7 +65,7 @@ def test_packed_logits_and_loss_equal_unpacked(attn, tiny_llama):
 
 
 def test_position_ids_alone_do_not_isolate_samples_on_sdpa(tiny_llama):
-    """Why the 4D mask exists (DESIGN.md §4): restarting position_ids is not enough without flash-attn."""
+    """Why the 4D mask exists (docs/design.md §4): restarting position_ids is not enough without flash-attn."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
     packed = collate_packed([SAMPLES[:2]], pad_id=0)
     with torch.no_grad():
