@@ -21,6 +21,7 @@ import torch
 from helpers import DEMO, ENV, ROOT, common, free_port, losses, metric, run, train_cmd
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +97,16 @@ def single_lora(tiny_llama, eval_data, tmp_path_factory):
     return out
 
 
+def _trainable_names(base, adapter_dir) -> set[str]:
+    """The parameter names a LoRA run trains (peft's `...lora_A.default.weight`), from its saved adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir,
+                                      is_trainable=True)
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _peft_logits(base, adapter_dir) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -131,7 +142,17 @@ def test_lora_sharded_eval_adapter_and_lean_resumable_checkpoint(backend, single
         torch.testing.assert_close(saved[k], expected[k], atol=1e-4, rtol=1e-3)  # Adam amplifies reduction-order noise
     torch.testing.assert_close(_peft_logits(tiny_llama, out), _peft_logits(tiny_llama, single_lora), atol=2e-4, rtol=1e-3)
 
-    # the checkpoint holds the adapter and its optimizer state, not the frozen base
+    # the checkpoint holds the adapter and its optimizer state, not the frozen base: checked by its keys (a
+    # size bound cannot tell, the tiny model's decoder weights are ~2% of it beside the embedding)
+    saved_keys = set(FileSystemReader(str(out / "checkpoint-2" / "dcp")).read_metadata().state_dict_metadata)
+    trainable = _trainable_names(tiny_llama, out)
+    model_keys = {k for k in saved_keys if k.startswith("model.")}
+    assert trainable and all("lora_" in n for n in trainable), sorted(trainable)[:5]
+    assert all("lora_" in k for k in model_keys), sorted(k for k in model_keys if "lora_" not in k)[:5]
+    assert model_keys == {f"model.{n}" for n in trainable}, sorted(model_keys ^ {f"model.{n}" for n in trainable})[:5]
+    optim_params = {k[len("optim."):].rsplit(".", 1)[0] for k in saved_keys if k.startswith("optim.")}
+    assert optim_params == trainable, sorted(optim_params ^ trainable)[:5]
+    assert saved_keys == model_keys | {k for k in saved_keys if k.startswith("optim.")}, sorted(saved_keys)[:5]
     model_bytes = (ROOT / tiny_llama / "model.safetensors").stat().st_size
     ckpt_bytes = sum(f.stat().st_size for f in (out / "checkpoint-2").rglob("*") if f.is_file())
     assert ckpt_bytes < 0.1 * model_bytes, (ckpt_bytes, model_bytes)
