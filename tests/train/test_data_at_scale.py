@@ -13,8 +13,12 @@ from helpers import ENV, ROOT, common
 
 @pytest.mark.slow
 def test_sixty_thousand_conversations_cost_each_rank_little_memory(tmp_path):
-    """60,000 conversations instead of 200 add <= 300 MB of peak RSS per rank (2 ranks): the rows stay in the
-    memory-mapped Arrow cache, and plans read only its lengths column (scripts/bench_data_memory.py measures)."""
+    """60,000 conversations instead of 200 add <= 64 MB of peak RSS per rank (2 ranks): the rows stay in the
+    memory-mapped Arrow cache, and plans read only its lengths column (scripts/bench_data_memory.py measures).
+
+    The bound is docs/benchmarks.md's figure with room for noise: this same measurement gave +17 / -12 MB
+    per rank (run-to-run RSS noise is of that order, so ~3x the larger growth), while holding the rows in
+    memory, the regression it guards, gave +1,580 / +1,086 MB; 64 MB fails on any fraction of that."""
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_data_memory.py"), "--sizes", "200", "60000",
                            "--plan-samples", "200000", "--json", str(out)], capture_output=True, text=True, env=ENV,
@@ -22,7 +26,7 @@ def test_sixty_thousand_conversations_cost_each_rank_little_memory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     growth = figures["rows"][-1]["growth_mb"]
-    assert len(growth) == 2 and all(g <= 300 for g in growth), proc.stdout
+    assert len(growth) == 2 and all(g <= 64 for g in growth), proc.stdout
     assert figures["plan"]["ranks_agree"]
 
 
