@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                          "size_gb": round(size, 2)})
             print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    print(f"\n| save | stall per save (median) | checkpoint complete after | training step while writing | size |")
+    print("\n| save | stall per save (median) | checkpoint complete after | training step while writing | size |")
     print("|---|---|---|---|---|")
     for mode in ("sync", "async"):
         r = [x for x in rows if x["mode"] == mode]

@@ -92,6 +92,8 @@ def run_trl(model_name: str, steps: int, max_length: int) -> dict:
         args = SFTConfig(output_dir=out, max_length=max_length, packing=True, assistant_only_loss=True,
                          per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=steps + WARMUP,
                          learning_rate=1e-5, optim="adamw_torch_fused", lr_scheduler_type="constant",
+                         # alike on both sides: no activation recomputation, clipping at chattune's default norm
+                         gradient_checkpointing=False, max_grad_norm=1.0,
                          bf16=precision.name == "bf16", use_cpu=True, report_to="none", save_strategy="no",
                          logging_strategy="no", dataloader_num_workers=0, dataset_num_proc=1, seed=0)
         trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(conversations),
@@ -187,7 +189,7 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
     for k, b in enumerate(batches[: steps + WARMUP]):
         t = time.perf_counter()
         _, n_sup = accumulate_gradients(model, [b], backend, info, precision.autocast_dtype)
-        opt.step()
+        backend.optimizer_step(model, opt, 1.0, True)  # clips at --max_grad_norm's default, as TRL's side does
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t
         if k < WARMUP:

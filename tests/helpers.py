@@ -97,6 +97,17 @@ def proc_status_mb(field: str) -> float:
     raise AssertionError(f"no {field} in /proc/self/status")
 
 
+def run_gloo_ranks(worker, nprocs: int = 2) -> dict:
+    """`worker(rank, port, results)` in `nprocs` spawned processes (each joins a gloo group on `port` and stores
+    what it saw in `results[rank]`); returns {rank: result}."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(free_port(), results), nprocs=nprocs, join=True)
+        return dict(results)
+
+
 # --- the OpenAI-compatible server as a subprocess -------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

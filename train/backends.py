@@ -88,6 +88,13 @@ class Backend:
             scaler.update()
         return applied, grad_norm
 
+    def release_training_state(self, model, optimizer) -> None:
+        """After the last step and save: drop gradients and optimizer moments (3 S / N per rank for AdamW) so
+        the export does not stack on top of them. Master weights stay: the export reads them."""
+        optimizer.state.clear()
+        for p in self.unwrap(model).parameters():
+            p.grad = None
+
     # --- final export: one tensor at a time, so rank 0 never holds a second copy of the model ------------
     def export_entries(self, model, trainable_only: bool) -> list[tuple[str, torch.Tensor]]:
         """(name, this rank's tensor) for what the export holds: the trainable parameters (an adapter) or every

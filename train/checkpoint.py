@@ -209,6 +209,12 @@ class Checkpointer:
         # DCP's background write runs collectives: never on the group the step loop is using
         self._pg = dist.new_group(backend="gloo") if async_save and info.distributed else None
         self._need_bytes = 0  # what this rank's part of the checkpoint being written takes on disk
+        self._stager = None
+        if async_save and torch.cuda.is_available():  # copy to pinned host buffers, reused from save to save
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=True))
 
     # --- save -------------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, scheduler, trainer_state: dict) -> str:
@@ -242,7 +248,7 @@ class Checkpointer:
         writer = FileSystemWriter(str(tmp / DCP_DIR), sync_files=True)
         if self.async_save:
             self._published.clear()
-            future = dcp_async_save(state, writer, self._pg, self.info.distributed)
+            future = dcp_async_save(state, writer, self._pg, self.info.distributed, self._stager)
             del state
             if self.info.is_main:
                 future.add_done_callback(lambda f: self._publish_async(f, tmp, final))
@@ -278,6 +284,15 @@ class Checkpointer:
             error = error or self._publish_error
             self._publish_error = None
         self._agree(error, tmp, final)
+
+    def close(self) -> None:
+        """Wait for a save in flight, then release the pinned staging buffers."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
 
     def _publish_async(self, future: Future, tmp: Path, final: Path) -> None:
         try:
@@ -368,8 +383,10 @@ def dcp_save(state: dict, writer, distributed: bool) -> None:
     dcp.save(state, storage_writer=writer, no_dist=not distributed)
 
 
-def dcp_async_save(state: dict, writer, process_group, distributed: bool) -> Future:
+def dcp_async_save(state: dict, writer, process_group, distributed: bool, stager=None) -> Future:
+    """On CPU the writer stages (copies) the state itself; on CUDA `stager` copies it into pinned memory."""
     import torch.distributed.checkpoint as dcp
 
-    result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed)
+    result = dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=not distributed,
+                            async_stager=stager)
     return getattr(result, "upload_completion", result)  # an AsyncSaveResponse with an async stager

@@ -93,7 +93,7 @@ def save_safetensors_streamed(out: Path, spec: list[tuple[str, tuple, torch.dtyp
         with open(out / file_name, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
-            for name, shape, dtype, nbytes in shard:
+            for name, shape, dtype, _ in shard:
                 got_name, tensor = next(stream)
                 if got_name != name or tuple(tensor.shape) != shape:
                     raise RuntimeError(f"export: expected {name} {list(shape)}, got {got_name} {list(tensor.shape)}")

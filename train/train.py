@@ -144,8 +144,9 @@ def run(cfg: TrainConfig) -> int:
                 save(state)
         finally:
             tracker.close()
-            checkpointer.wait()  # an async save in flight is finished (or its failure reported) before exit
+            checkpointer.close()  # an async save in flight is finished (or its failure reported) before exit
         # gathered collectively onto rank 0's CPU one tensor at a time: the whole model, or the adapter's weights
+        backend.release_training_state(wrapped, optimizer)
         trainable_only = mode != "full"
         spec = [(n, tuple(backend.global_shape(t)), t.dtype) for n, t in backend.export_entries(wrapped, trainable_only)]
         out = export_model(backend.unwrap(wrapped), backend.export_tensors(wrapped, trainable_only), spec, tokenizer, cfg,

@@ -130,7 +130,7 @@ def test_a_disk_that_fills_mid_save_is_one_line_and_keeps_the_previous_checkpoin
     flags = {"per_device_train_batch_size": 2, "save_steps": 1}
     run("train.py", common(tiny_llama, out, max_steps=1, **flags))
     first = out / "checkpoint-1"
-    weights = max((p.stat().st_size for p in (first / "dcp").iterdir()))
+    weights = max(p.stat().st_size for p in (first / "dcp").iterdir())
     proc = subprocess.run(train_cmd("train.py", None) + common(tiny_llama, out, max_steps=2, resume_from_checkpoint="auto",
                                                               **flags),
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import free_port
+from helpers import run_gloo_ranks
 
 from train.backends import Backend
 from train.distributed import DistInfo
@@ -88,11 +88,9 @@ def _overflow_worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_scaler_makes_every_rank_skip_when_one_rank_overflows():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_overflow_worker, args=(free_port(), results), nprocs=2, join=True)
-        results = dict(results)
+    results = run_gloo_ranks(_overflow_worker)
     r0, r1 = results[0], results[1]
     assert r0["scaler"] == r1["scaler"] == "ShardedGradScaler"
     assert r0["local_finite"] and not r1["local_finite"]  # rank 0's own gradients were finite

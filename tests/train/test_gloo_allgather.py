@@ -7,8 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import free_port, proc_status_mb
+from helpers import proc_status_mb, run_gloo_ranks
 
 from train import gloo_allgather
 
@@ -97,10 +96,7 @@ def _worker(rank: int, port: int, results) -> None:
 
 
 def test_in_place_all_gather_matches_torch_without_staging_the_output():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), results), nprocs=2, join=True)
-        results = dict(results)
+    results = run_gloo_ranks(_worker)
     for rank in (0, 1):
         r = results[rank]
         assert all(r["checks"].values()), (rank, r["checks"])
