@@ -214,7 +214,15 @@ class DeepSpeedBackend(Backend):
                 if torch_optim else 0
             for key in keys:
                 state[key] = torch.zeros_like(flat)
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO-1/2 links each parameter's view of the optimizer state once, right after the first step of the
+        first parameter group, when the other groups have no state yet; their views stay empty ("exp_avg not
+        found in optimizer state fragment"). Link again, now that every group's state exists."""
+        zero = self.engine.optimizer
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
 
     def _step_count(self, optimizer) -> torch.Tensor:
@@ -236,6 +244,7 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         mesh = self._mesh()
+        self._link_optimizer_state()
         keys = self._state_keys(optimizer)
         step = self._step_count(optimizer)
         weights: dict[str, torch.Tensor] = {}

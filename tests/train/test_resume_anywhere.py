@@ -33,11 +33,12 @@ def _hop_flags(backend: str, nproc: int, zero3: str) -> dict:
 
 
 MODE_FLAGS = {"full": {}, "lora": {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3}}
-# (backend, processes) per hop. full: single→FSDP2 1→2, FSDP2 2→1, FSDP2→ZeRO-3 1→2, ZeRO-3 2→1, ZeRO-3→single;
-# lora: single→ZeRO-3 1→2, ZeRO-3→FSDP2 2→2, FSDP2 2→1 single. Two-process hops save with --async_save.
+# (backend, processes) per hop. full: single→FSDP2 1→2, FSDP2 2→1, FSDP2→ZeRO-3 1→2, ZeRO-3 2→1, ZeRO-3→FSDP2 1→2;
+# lora: single→FSDP2 1→2, FSDP2 2→1 (single), single→ZeRO-3 1→2. Each chain ends on a sharded backend, so its
+# final export (gathered one tensor at a time) is compared too. Two-process hops save with --async_save.
 CHAINS = {
-    "full": [("single", 1), ("fsdp", 2), ("fsdp", 1), ("zero3", 2), ("zero3", 1), ("single", 1)],
-    "lora": [("single", 1), ("zero3", 2), ("fsdp", 2), ("single", 1)],
+    "full": [("single", 1), ("fsdp", 2), ("fsdp", 1), ("zero3", 2), ("zero3", 1), ("fsdp", 2)],
+    "lora": [("single", 1), ("fsdp", 2), ("single", 1), ("zero3", 2)],
 }
 
 
