@@ -4,9 +4,8 @@
 
 For each backend × mode, runs the real `train/train.py` under `torchrun --nproc_per_node=N` (gloo, CPU,
 fp32) twice — on a random Llama of about `--params` parameters and on a tiny one with the same vocab —
-and prints each rank's peak RSS after the first optimizer step (load + step) and at the end (after the
-final export), the peak of the final export phase alone, and the growth from the tiny run to the big one
-as a multiple of the big model's fp32 size S. That growth is what the model costs each rank; the tiny run carries the fixed cost of Python,
+and prints each rank's peak RSS after the first optimizer step (load + step), the peak of the final export
+phase, and the growth from the tiny run to the big one as a multiple of the big model's fp32 size S. That growth is what the model costs each rank; the tiny run carries the fixed cost of Python,
 torch, DeepSpeed and the data. Targets (docs/design.md §3, issue 11), for LoRA: a rank that does not load
 grows ≤ 0.7 S, the loading rank (0) ≤ 1.6 S. A full fine-tune also holds its shard of the fp32
 gradients and of AdamW's two moments (≈ 3 S / N per rank more), which no sharding scheme avoids.
@@ -42,23 +41,26 @@ def _hwm_mb() -> float:
 
 
 def worker(argv: list[str]) -> int:
-    """Runs inside torchrun: train.main with the peak RSS recorded after the loop and at the end, and the
-    peak of the final export alone (the kernel's high-water mark is reset when the loop returns)."""
+    """Runs inside torchrun: train.main with the peak RSS recorded after the loop, and the peak of the final
+    export alone (the kernel's high-water mark is reset when the export starts, after the optimizer state is
+    released; this resets getrusage's peak too)."""
     import train.train as recipe
 
     record: dict = {}
-    loop = recipe.train_loop
+    loop, export = recipe.train_loop, recipe.export_model
 
     def measured_loop(**kwargs):
         record["before_loop_mb"] = _peak_mb()  # load + shard: the peak so far
         state = loop(**kwargs)
         record["step_mb"] = _peak_mb()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: what follows is the export's peak
         return state
 
-    recipe.train_loop = measured_loop
+    def measured_export(*args, **kwargs):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: what follows is the export's peak
+        return export(*args, **kwargs)
+
+    recipe.train_loop, recipe.export_model = measured_loop, measured_export
     rc = recipe.main(argv)
-    record["final_mb"] = _peak_mb()
     record["export_peak_mb"] = _hwm_mb()
     Path(os.environ["BENCH_MEMORY_OUT"], f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
     return rc
@@ -145,20 +147,18 @@ def main() -> int:
                 large = run_case(big, backend, mode, args.nproc, port, Path(tmp) / "big", extra)
                 for rank in sorted(large):
                     growth = large[rank]["step_mb"] - small[rank]["step_mb"]
-                    growth_end = large[rank]["final_mb"] - small[rank]["final_mb"]
                     export_growth = large[rank]["export_peak_mb"] - small[rank]["export_peak_mb"]
                     target = (1.6 if rank == 0 else 0.7) if mode == "lora" else None
                     rows.append({"backend": backend, "mode": mode, "rank": rank, "tiny_mb": small[rank]["step_mb"],
                                  "big_mb": large[rank]["step_mb"], "growth_mb": growth, "growth_S": growth / size_mb,
-                                 "growth_S_with_export": growth_end / size_mb, "export_peak_S": export_growth / size_mb,
+                                 "export_peak_S": export_growth / size_mb,
                                  "target_S": target})
                     r = rows[-1]
                     r["load_growth_S"] = (large[rank]["before_loop_mb"] - small[rank]["before_loop_mb"]) / size_mb
                     verdict = "" if target is None else ("ok" if r["growth_S"] <= target else "OVER")
                     print(f"{backend:6} {mode:5} rank {rank}: peak {r['tiny_mb']:7,.0f} MB (tiny) → {r['big_mb']:7,.0f} MB "
-                          f"(big); growth {growth:7,.0f} MB = {r['growth_S']:.2f} S (with final export "
-                          f"{r['growth_S_with_export']:.2f} S; the export alone peaks at {r['export_peak_S']:.2f} S; "
-                          f"after load {r['load_growth_S']:.2f} S)"
+                          f"(big); growth {growth:7,.0f} MB = {r['growth_S']:.2f} S (the final export peaks at "
+                          f"{r['export_peak_S']:.2f} S; after load {r['load_growth_S']:.2f} S)"
                           f"{f'; target ≤ {target} S: {verdict}' if target else ''}",
                           flush=True)
     if args.json:
