@@ -18,7 +18,7 @@ import time
 from data.formats import Row
 from data.records import to_sharegpt
 from data.tokenize import encode_prompt
-from data.validate import normalize_row
+from data.validate import ValidationOptions, normalize_row
 from serve.generation import GenerationResult, SamplingParams, stream_generate
 from serve.loading import LoadedModel, ServeLoadError, add_model_args, load_from_args
 from serve.tool_parsing import StreamParser, prompt_opens_think
@@ -231,7 +231,8 @@ def chat_loop(loaded: LoadedModel, io: SimpleIO, params: SamplingParams, system:
             except (OSError, json.JSONDecodeError) as e:
                 io.notice(f"cannot load {path}: {e}")
                 continue
-            rec, problem = normalize_row(Row(path, 0, raw[0] if isinstance(raw, list) and raw else raw))
+            rec, problem = normalize_row(Row(path, 0, raw[0] if isinstance(raw, list) and raw else raw),
+                                         ValidationOptions(flags={}))  # the chat has no data flags to suggest
             if problem:
                 io.notice(f"cannot load {path}: {problem.message}")
                 continue
