@@ -56,12 +56,14 @@ def worker(argv: list[str]) -> int:
         return state
 
     def measured_export(*args, **kwargs):
+        record["before_export_mb"] = _peak_mb()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: what follows is the export's peak
         return export(*args, **kwargs)
 
     recipe.train_loop, recipe.export_model = measured_loop, measured_export
     rc = recipe.main(argv)
     record["export_peak_mb"] = _hwm_mb()
+    record["final_mb"] = max(record.get("before_export_mb", 0.0), record["export_peak_mb"])  # the whole run's peak
     Path(os.environ["BENCH_MEMORY_OUT"], f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
     return rc
 
