@@ -32,7 +32,10 @@ def cpu_kind() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}"
+    from train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
+    bf16 = "native bf16" if NATIVE_BF16_CPU_FLAGS & cpu_flags() else "no native bf16"
+    return f"{model}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 def build(layers: int, hidden: int):

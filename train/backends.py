@@ -5,7 +5,7 @@ The recipe only talks to this interface, so FSDP2 (train/fsdp.py) and DeepSpeed
   build_model(build) → model (meta/partitioned)   | sync_context(last_micro) → context for one micro-batch
   setup(model, make_optimizer) → wrapped, optim   | backward(loss)
   optimizer_step(...) → (applied, grad_norm)      | unwrap(model) → the HF/peft model
-  export_state(model, trainable_only) → CPU dict on rank 0
+  export_tensors(model, trainable_only) → one gathered tensor at a time on rank 0
   loss_scale                                      | checkpoint_state / load_checkpoint_state → the portable
                                                     resumable state (train/portable_state.py)
 `loss_scale` undoes the averaging a backend applies to gradients: our loss is already divided by the
@@ -23,6 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from train.distributed import DistInfo
 from train.portable_state import load_torch_state, torch_state
+
+
+def persistent_buffers(module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) for the buffers a state dict holds (not the non-persistent ones, e.g. rotary inv_freq)."""
+    persistent = set(module.state_dict().keys())
+    return [(n, b) for n, b in module.named_buffers() if n in persistent]
 
 
 class Backend:
@@ -101,10 +107,7 @@ class Backend:
         parameter (a tied weight once, under its first name, as save_pretrained writes it) and persistent buffer."""
         module = self.unwrap(model)
         entries = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
-        if not trainable_only:
-            persistent = set(module.state_dict().keys())
-            entries += [(n, b) for n, b in module.named_buffers() if n in persistent]
-        return entries
+        return entries if trainable_only else entries + persistent_buffers(module)
 
     def global_shape(self, tensor: torch.Tensor) -> torch.Size:
         return tensor.shape
@@ -117,11 +120,6 @@ class Backend:
         """Yields (name, tensor) on rank 0 and (name, None) elsewhere; every rank must exhaust it (collective)."""
         for name, tensor in self.export_entries(model, trainable_only):
             yield name, self.gather_full(tensor)
-
-    def export_state(self, model, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-        """The gathered tensors as one dict on rank 0 (for adapters; a full model is streamed instead)."""
-        out = {name: t.clone() for name, t in self.export_tensors(model, trainable_only) if t is not None}
-        return out if self.info.is_main else None
 
     def checkpoint_state(self, model, optimizer) -> dict:
         """The portable resumable state (every rank calls; sharded backends return their shards)."""

@@ -280,8 +280,7 @@ class TrainConfig:
              f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler_type!r}")
         self.lr_scheduler_kwargs = _scheduler_kwargs_value(self.lr_scheduler_kwargs)
         try:
-            check_scheduler(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate, self.warmup_steps,
-                            self.warmup_ratio, self.max_steps)
+            check_scheduler(self)
         except ScheduleError as e:
             raise ConfigError(str(e)) from None
         choice("optim", OPTIMIZERS)
@@ -511,7 +510,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> T
 
     argv = list(sys.argv[1:] if argv is None else argv)
     hints = get_type_hints(TrainConfig)
-    names = {f.name: f for f in fields(TrainConfig)}
+    names = _FIELDS
     values: dict[str, Any] = dict(defaults or {})
     if argv and not argv[0].startswith("--") and argv[0].endswith((".yaml", ".yml", ".json")):
         path = argv.pop(0)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from train import gloo_allgather
-from train.backends import Backend
+from train.backends import Backend, persistent_buffers
 from train.distributed import DistInfo, print0
 from train.layers import decoder_layer_classes, replicated_frozen_params
 from train.sharding_config import FSDPConfigError, zero_stage
@@ -155,21 +155,23 @@ class DeepSpeedBackend(Backend):
     def global_shape(self, tensor):
         return getattr(tensor, "ds_shape", tensor.shape)  # a ZeRO-3 partitioned parameter is empty here
 
-    @torch.no_grad()
-    def gather_full(self, tensor):
-        """A trainable parameter's full fp32 master copy (collective); a frozen one's 16-bit value, gathered if
-        partitioned; a buffer as it is."""
+    def _full(self, tensor) -> torch.Tensor:
+        """The whole tensor on every rank (collective): a trainable parameter's fp32 master copy, a frozen one's
+        16-bit value (gathered if partitioned) in fp32, a buffer as it is."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        full = None
+        full = tensor
         if isinstance(tensor, torch.nn.Parameter):
             full = safe_get_full_fp32_param(tensor) if tensor.requires_grad else None
             if full is None:
                 full = self._gather_frozen(tensor)
-            full = full.float() if full.is_floating_point() else full
-        else:
-            full = tensor
-        return full.detach().cpu() if self.info.is_main else None
+        full = full.detach()
+        return full.float() if full.is_floating_point() else full
+
+    @torch.no_grad()
+    def gather_full(self, tensor):
+        full = self._full(tensor)
+        return full.cpu() if self.info.is_main else None
 
     def _gather_frozen(self, param) -> torch.Tensor:
         if hasattr(param, "ds_id"):
@@ -241,27 +243,33 @@ class DeepSpeedBackend(Backend):
 
     @torch.no_grad()
     def checkpoint_state(self, model, optimizer) -> dict:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        return self._portable_state(model, optimizer, fill=True)
+
+    def _portable_state(self, model, optimizer, fill: bool) -> dict:
+        """This rank's shards of the portable state: this run's values (`fill`, collective: one parameter is
+        assembled at a time), or, to load into, the same layout left empty (no gathering)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
 
         mesh = self._mesh()
         self._link_optimizer_state()
         keys = self._state_keys(optimizer)
         step = self._step_count(optimizer)
+
+        def shard(full, tensor) -> torch.Tensor:
+            return _my_shard(full if fill else torch.empty(tuple(self.global_shape(tensor))), mesh)
+
         weights: dict[str, torch.Tensor] = {}
         optim: dict[str, dict] = {}
         for names, param in self._checkpointed(model):
-            full = safe_get_full_fp32_param(param) if param.requires_grad else self._gather_frozen(param).float()
-            weights.update(dict.fromkeys(names, _my_shard(full, mesh)))
+            weights.update(dict.fromkeys(names, shard(self._full(param) if fill else None, param)))
             if param.requires_grad:
                 entry = {"step": step}
                 for key in keys:
-                    entry[key] = _my_shard(safe_get_full_optimizer_state(param, key), mesh)
+                    entry[key] = shard(safe_get_full_optimizer_state(param, key) if fill else None, param)
                 optim[names[0]] = entry  # torch keys a tied parameter's optimizer state by its first name
         if not self.is_peft:
-            persistent = set(self.unwrap(model).state_dict().keys())
-            for name, buf in self.unwrap(model).named_buffers():
-                if name in persistent:
-                    weights[name] = _my_shard(buf.detach().float(), mesh)
+            for name, buf in persistent_buffers(self.unwrap(model)):
+                weights[name] = shard(buf.detach().float() if fill else None, buf)
         return {"model": weights, "optim": optim}
 
     @torch.no_grad()
@@ -272,7 +280,7 @@ class DeepSpeedBackend(Backend):
         from train.portable_state import DCP_DIR, check_matches, saved_optimizer_keys
 
         self._ensure_optimizer_state(optimizer, saved_optimizer_keys(directory))
-        target = self.checkpoint_state(model, optimizer)  # the layout, filled with this run's values
+        target = self._portable_state(model, optimizer, fill=False)
         check_matches(directory, target)
         dcp.load(target, checkpoint_id=str(directory / DCP_DIR))
         keys = self._state_keys(optimizer)
@@ -286,10 +294,8 @@ class DeepSpeedBackend(Backend):
             if not hasattr(param, "ds_id"):  # ZeRO-1/2: every rank holds the whole 16-bit weight
                 param.data.copy_(full.to(param.dtype))
         if not self.is_peft:
-            persistent = set(module.state_dict().keys())
-            for name, buf in module.named_buffers():
-                if name in persistent:
-                    buf.copy_(target["model"][name].full_tensor().to(buf.dtype))
+            for name, buf in persistent_buffers(module):
+                buf.copy_(target["model"][name].full_tensor().to(buf.dtype))
         step = next(iter(target["optim"].values()), {}).get("step")
         if step is not None:
             for state in optimizer.state.values():

@@ -211,16 +211,15 @@ def build_scheduler(name: str, given: dict, optimizer, total_steps: int, warmup:
     return scheduler
 
 
-def check_scheduler(name: str, given: dict, learning_rate: float, warmup_steps: int, warmup_ratio: float,
-                    max_steps: int) -> None:
+def check_scheduler(cfg: TrainConfig) -> None:
     """Build the schedule on a one-parameter optimizer before anything is loaded. The run's length is
     known only after the data is read unless --max_steps is set; then a long placeholder run is used
     (make_scheduler checks again with the real one)."""
+    given = cfg.lr_scheduler_kwargs
     steps_given = sum(v for v in given.values() if isinstance(v, int) and not isinstance(v, bool) and v > 0)
-    total = max_steps if max_steps > 0 else max(100_000, 2 * (warmup_steps + steps_given))
-    warmup = warmup_steps or math.ceil(warmup_ratio * total)
-    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
-    build_scheduler(name, given, dummy, total, warmup)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(100_000, 2 * (cfg.warmup_steps + steps_given))
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    build_scheduler(cfg.lr_scheduler_type, given, dummy, total, warmup_steps(cfg, total))
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):

@@ -43,24 +43,27 @@ def _options(is_peft: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=is_peft, strict=not is_peft)
 
 
-def torch_state(model, optimizer, is_peft: bool) -> dict:
-    """The portable state of a plain, DDP-unwrapped or FSDP2 model and its torch optimizer."""
+def _torch_state(model, optimizer, is_peft: bool) -> tuple[dict, list]:
+    """(the portable state, the optimizer's param_groups keyed by FQN) of a plain, DDP-unwrapped or FSDP2 model."""
     options = _options(is_peft)
     weights = get_model_state_dict(model, options=options)
     if is_peft:  # a tied frozen weight (lm_head = embeddings) escapes ignore_frozen_params
         trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
         weights = {k: v for k, v in weights.items() if k in trainable}
     optim = get_optimizer_state_dict(model, optimizer, options=options)
-    return {"model": weights, "optim": optim["state"]}
+    return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
+
+
+def torch_state(model, optimizer, is_peft: bool) -> dict:
+    return _torch_state(model, optimizer, is_peft)[0]
 
 
 def load_torch_state(directory: Path, model, optimizer, is_peft: bool) -> None:
-    target = torch_state(model, optimizer, is_peft)
+    target, groups = _torch_state(model, optimizer, is_peft)  # groups: this run's own (see the module docstring)
     check_matches(directory, target)
     dcp.load(target, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
     options = _options(is_peft)
     set_model_state_dict(model, target["model"], options=options)
-    groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
     set_optimizer_state_dict(model, optimizer, {"state": target["optim"], "param_groups": groups}, options=options)
 
 

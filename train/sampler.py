@@ -115,12 +115,18 @@ class MicroBatchStream:
         return epoch, batch
 
 
+def units_consumed(state: SamplerState, world: int, batch: int) -> int:
+    """Units (samples, or packed rows) of the epoch's global order consumed at `state`, with `world` ranks
+    taking `batch` units per micro-batch each."""
+    return state.micro_index * world * batch
+
+
 def rescale_sampler_state(state: SamplerState, old_world: int, old_batch: int, new_world: int, new_batch: int) -> SamplerState:
     """Map a data position saved at one (world size, per-device batch) to another: the epoch plan's
     global order of units does not depend on either, so the position is `units consumed`."""
     if (old_world, old_batch) == (new_world, new_batch):
         return state
-    units = state.micro_index * old_world * old_batch
+    units = units_consumed(state, old_world, old_batch)
     per_micro = new_world * new_batch
     if units % per_micro:
         raise ValueError(f"cannot resume at the exact data position: {units} units were consumed this epoch, not a "

@@ -36,7 +36,7 @@ from train.loop import (  # noqa: E402
 from train.model_setup import build_model, model_config  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
 from train.precision import resolve_precision  # noqa: E402
-from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state  # noqa: E402
+from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state, units_consumed  # noqa: E402
 from train.tracking import Tracker  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def run(cfg: TrainConfig) -> int:
         tracker = Tracker(cfg, info.is_main, total_steps, state.step, wandb_id=saved.get("wandb_id"))
 
         def save(st: LoopState) -> str:
-            units = st.sampler.micro_index * info.world_size * cfg.per_device_train_batch_size
+            units = units_consumed(st.sampler, info.world_size, cfg.per_device_train_batch_size)
             return checkpointer.save(st.step, wrapped, optimizer, scheduler, {
                 **st.as_dict(), "units_consumed": units, "per_device_train_batch_size": cfg.per_device_train_batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "run": run_facts,
