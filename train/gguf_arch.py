@@ -1,0 +1,152 @@
+"""What each architecture we train looks like in GGUF: its llama.cpp name, the metadata keys llama.cpp reads,
+the tensor names (gguf-py's own `TensorNameMap`) and the few tensors whose layout differs from HF's.
+
+Only the mapping is ours; names and keys come from gguf-py. Layout differences, each undone by transformers'
+GGUF loader and by llama.cpp:
+- llama/mistral: llama.cpp's rotary embedding pairs adjacent dimensions (GPT-J style), HF's pairs the two halves
+  of each head, so the rows of `q_proj`/`k_proj` are permuted per head. Qwen2/Qwen3/Gemma use NeoX-style rotary in
+  llama.cpp, as HF does: no permutation.
+- gemma2: HF's RMSNorm multiplies by `1 + weight`, llama.cpp's by `weight`, so norm weights are stored plus one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gguf
+import torch
+
+
+class ArchExportError(ValueError):
+    pass
+
+
+def _rope(cfg) -> dict:
+    """rope settings in transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
+        params["rope_theta"] = cfg.rope_theta
+    scaling = getattr(cfg, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        params = {**scaling, **params}
+    return params
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split rotary layout -> llama.cpp's interleaved one, for q/k projection rows (weights or biases)."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: gguf.MODEL_ARCH
+    permute_qk: bool = False
+    norm_plus_one: bool = False
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+# HF model_type -> GGUF. Mistral is written as llama, as llama.cpp's own converter does.
+ARCHS = {
+    "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2),
+    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3),
+    "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True),
+}
+
+
+def arch_spec(cfg) -> ArchSpec:
+    spec = ARCHS.get(cfg.model_type)
+    if spec is None:
+        raise ArchExportError(f"model type {cfg.model_type!r} cannot be exported to GGUF; supported: "
+                              f"{', '.join(sorted(ARCHS))}")
+    if getattr(cfg, "model_type", "") == "mistral" and getattr(cfg, "sliding_window", None):
+        raise ArchExportError(f"a Mistral with sliding_window={cfg.sliding_window} has no llama GGUF equivalent")
+    return spec
+
+
+def add_metadata(writer: gguf.GGUFWriter, cfg, spec: ArchSpec) -> None:
+    """The hyperparameters llama.cpp and transformers' GGUF loader read, from the HF config."""
+    writer.add_context_length(int(cfg.max_position_embeddings))
+    writer.add_embedding_length(int(cfg.hidden_size))
+    writer.add_block_count(int(cfg.num_hidden_layers))
+    writer.add_feed_forward_length(int(cfg.intermediate_size))
+    writer.add_head_count(int(cfg.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(int(cfg.vocab_size))
+    rope = _rope(cfg)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    hd = head_dim(cfg)
+    writer.add_rope_dimension_count(hd)
+    if hd != cfg.hidden_size // cfg.num_attention_heads or spec.gguf_arch in (gguf.MODEL_ARCH.QWEN3,
+                                                                             gguf.MODEL_ARCH.GEMMA2):
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
+    _add_rope_scaling(writer, rope)
+    if spec.gguf_arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping or 0.0))
+        writer.add_sliding_window(int(cfg.sliding_window))
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        return
+    factor = float(rope.get("factor", 1.0))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        if rope.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    else:
+        # llama3-style frequency scaling is a precomputed rope_freqs tensor in llama.cpp: not written yet
+        raise ArchExportError(f"rope scaling {kind!r} cannot be exported to GGUF yet (linear and yarn can)")
+
+
+def tensor_plan(cfg, spec: ArchSpec, hf_names: list[str]) -> list[tuple[str, str, Callable | None]]:
+    """[(hf_name, gguf_name, transform)] in file order; a tied lm_head is left out (llama.cpp reuses the
+    embedding), buffers such as rotary `inv_freq` are recomputed by every runtime."""
+    names = gguf.get_tensor_name_map(spec.gguf_arch, int(cfg.num_hidden_layers))
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    plan = []
+    for hf in hf_names:
+        if hf.endswith(".rotary_emb.inv_freq"):
+            continue
+        if hf == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
+            continue
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ArchExportError(f"tensor {hf!r} of a {cfg.model_type} model has no GGUF name in gguf-py's map")
+        transform = None
+        if spec.permute_qk and ".self_attn.q_proj." in hf:
+            transform = _permuter(int(cfg.num_attention_heads))
+        elif spec.permute_qk and ".self_attn.k_proj." in hf:
+            transform = _permuter(kv_heads)
+        elif spec.norm_plus_one and hf.endswith("norm.weight"):
+            transform = _plus_one
+        plan.append((hf, name, transform))
+    if not any(g == "token_embd.weight" for _, g, _ in plan):
+        raise ArchExportError("the model has no token embedding (model.embed_tokens.weight)")
+    return plan
+
+
+def _permuter(n_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: permute_rope_rows(w, n_heads)
+
+
+def _plus_one(w: torch.Tensor) -> torch.Tensor:
+    return w + 1
