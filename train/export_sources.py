@@ -1,0 +1,296 @@
+"""The model an export reads, one tensor at a time: a full or merged model directory, a LoRA/QLoRA adapter (merged
+into its base here, one weight at a time; a QLoRA base first goes through the same NF4 quantization training saw),
+a checkpoint (`OUT/checkpoint-N`, read from its DCP files) or a `.gguf`/`asset:` model.
+
+Nothing here holds the whole model, so the GGUF and HF exports built on it (train/export_gguf.py,
+train/export.py) peak at the largest tensor a few times over, not at the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ExportError(ValueError):
+    pass
+
+
+_ST_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+              "BF16": (np.int16, torch.bfloat16), "F64": (np.float64, torch.float64)}
+
+
+class SafetensorsFiles:
+    """Tensors of a safetensors model, read with plain file reads. safetensors' own loader maps the whole file,
+    and every page it touches then counts as the process's memory; reading each tensor's byte range keeps the
+    export's footprint to the tensors it holds."""
+
+    def __init__(self, directory: Path):
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{directory}: no *.safetensors weights")
+        self.entries: dict[str, tuple[Path, int, dict]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self.entries[name] = (path, 8 + n, info)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][2]["shape"])
+
+    def load(self, name: str) -> torch.Tensor:
+        path, base, info = self.entries[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ExportError(f"{path}: tensor {name} has dtype {info['dtype']}, not a float type")
+        np_dtype, torch_dtype = _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        with open(path, "rb") as f:
+            data = os.pread(f.fileno(), end - start, base + start)
+        arr = np.frombuffer(data, dtype=np_dtype).reshape(info["shape"])
+        t = torch.from_numpy(arr.copy())
+        return (t.view(torch_dtype) if torch_dtype == torch.bfloat16 else t).float()
+
+    def nbytes(self) -> int:
+        return sum(e[2]["data_offsets"][1] - e[2]["data_offsets"][0] for e in self.entries.values())
+
+
+class CheckpointFiles:
+    """The model entries of a checkpoint's portable DCP state (train/portable_state.py), one tensor per read."""
+
+    def __init__(self, dcp_dir: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.dir = dcp_dir
+        meta = FileSystemReader(str(dcp_dir)).read_metadata()
+        self.shapes = {k[len("model."):]: tuple(v.size) for k, v in meta.state_dict_metadata.items()
+                       if k.startswith("model.") and hasattr(v, "size")}
+        if not self.shapes:
+            raise ExportError(f"{dcp_dir}: no model tensors in this checkpoint")
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        target = {"model": {name: torch.empty(self.shapes[name], dtype=torch.float32)}}
+        dcp.load(target, checkpoint_id=str(self.dir), no_dist=True)
+        return target["model"][name]
+
+    def nbytes(self) -> int:
+        return sum(4 * int(np.prod(s)) for s in self.shapes.values())
+
+
+@dataclass
+class LoraDelta:
+    a: str
+    b: str
+    scale: float
+
+
+@dataclass
+class Weights:
+    """A model as HF names -> tensors, read lazily; LoRA deltas are merged into their base weights on read."""
+
+    config: object
+    files: object  # SafetensorsFiles | CheckpointFiles
+    names: list[str]
+    lora_files: object | None = None
+    deltas: dict[str, LoraDelta] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)  # name -> adapter tensor (modules_to_save)
+    nf4_round_trip: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files.shape(name)
+
+    def load(self, name: str) -> torch.Tensor:
+        if name in self.replaced:
+            return self.lora_files.load(self.replaced[name])
+        w = self.files.load(name)
+        delta = self.deltas.get(name)
+        if delta is not None:
+            if self.nf4_round_trip is not None:
+                w = self.nf4_round_trip(w)
+            w = w + self.lora_files.load(delta.b) @ self.lora_files.load(delta.a) * delta.scale
+        return w
+
+    def nbytes(self) -> int:
+        return self.files.nbytes()
+
+
+def _lora_scale(cfg: dict, module: str) -> float:
+    """peft's scaling for one module: alpha / r (or / sqrt(r) with rsLoRA), per-module patterns first."""
+    def pick(patterns: dict, default):
+        for key, value in (patterns or {}).items():
+            if re.fullmatch(rf"(.*\.)?{key}", module):
+                return value
+        return default
+
+    r = pick(cfg.get("rank_pattern"), cfg["r"])
+    alpha = pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+    return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+
+
+def _plan_lora(names: list[str], adapter_names: list[str], adapter_cfg: dict, where: str
+               ) -> tuple[dict[str, LoraDelta], dict[str, str]]:
+    """Which base weight each adapter tensor changes (peft's saved names: `base_model.model.<module>.lora_A.weight`)."""
+    if adapter_cfg.get("use_dora"):
+        raise ExportError(f"{where}: DoRA adapters cannot be merged here yet; merge with peft and export the result")
+    if adapter_cfg.get("fan_in_fan_out"):
+        raise ExportError(f"{where}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
+    deltas: dict[str, LoraDelta] = {}
+    replaced: dict[str, str] = {}
+    known = set(names)
+    for key in adapter_names:
+        inner = re.sub(r"^base_model\.model\.", "", key)
+        inner = inner.replace(".default.", ".").replace(".modules_to_save.", ".")
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", inner)
+        if m:
+            target = m.group(1) + ".weight"
+            if target not in known:
+                raise ExportError(f"{where}: adapter tensor {key} targets {target}, which the base model lacks")
+            if m.group(2) == "A":
+                deltas[target] = LoraDelta(key, key.replace("lora_A", "lora_B"),
+                                           _lora_scale(adapter_cfg, m.group(1)))
+        elif "lora_embedding" in inner or "lora_magnitude" in inner:
+            raise ExportError(f"{where}: adapter tensor {key} (embedding LoRA / DoRA) is not supported yet")
+        elif inner in known:
+            replaced[inner] = key
+        else:
+            raise ExportError(f"{where}: adapter tensor {key} matches no weight of the base model")
+    return deltas, replaced
+
+
+def _nf4_round_trip(compute_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a QLoRA run's frozen base weight was during training: NF4 with double quantization, blocks of 64
+    (train/model_setup.py's BitsAndBytesConfig), dequantized to the compute dtype."""
+    import bitsandbytes.functional as bnbf
+
+    def round_trip(w: torch.Tensor) -> torch.Tensor:
+        q, state = bnbf.quantize_4bit(w.to(compute_dtype), blocksize=64, compress_statistics=True, quant_type="nf4")
+        return bnbf.dequantize_4bit(q, state).float()
+
+    return round_trip
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@dataclass
+class Source:
+    weights: Weights
+    tokenizer_dir: str  # where the tokenizer (with the training template) is
+    record: dict  # chattune.json of the run, {} for a plain model
+    base: str | None  # the base model source, for adapters and checkpoints
+    kind: str  # full | adapter | checkpoint
+
+
+def _config(directory: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory)
+
+
+def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
+    """The model to export, read lazily, with where its tokenizer and run record are."""
+    from data.assets import resolve_source
+    from train.modeling import resolve_model_dir
+
+    source = resolve_source(model_path)
+    path = Path(source)
+    if not path.exists():
+        raise ExportError(f"--model-path {model_path}: no such directory or file")
+    if path.is_file() or source.endswith(".gguf"):
+        directory = resolve_model_dir(source)
+        return Source(Weights(_config(directory), f := SafetensorsFiles(Path(directory)), f.names()), directory, {},
+                      None, "full")
+    if (path / "dcp").is_dir() and (path / "trainer_state.json").is_file():
+        return _open_checkpoint(path, base_model_path)
+    record = _read_json(path / "chattune.json")
+    adapter_cfg = _read_json(path / "adapter_config.json")
+    if adapter_cfg:
+        base = base_model_path or adapter_cfg.get("base_model_name_or_path")
+        if not base:
+            raise ExportError(f"{model_path}: the adapter names no base model; pass --base-model-path")
+        base_dir = resolve_model_dir(base)
+        files = SafetensorsFiles(Path(base_dir))
+        lora = SafetensorsFiles(path)
+        deltas, replaced = _plan_lora(files.names(), lora.names(), adapter_cfg, str(path))
+        weights = Weights(_config(base_dir), files, files.names(), lora, deltas, replaced)
+        if record.get("mode") == "qlora" and record.get("bits", 4) == 4:
+            weights.nf4_round_trip = _nf4_round_trip(_compute_dtype(record))
+        return Source(weights, str(path), record, base, "adapter")
+    if not (path / "config.json").is_file():
+        raise ExportError(f"--model-path {model_path}: not a model directory (no config.json), adapter or checkpoint")
+    files = SafetensorsFiles(path)
+    return Source(Weights(_config(str(path)), files, files.names()), str(path), record, None, "full")
+
+
+def _compute_dtype(record: dict) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(record.get("compute_dtype", ""), torch.float32)
+
+
+def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
+    from train.modeling import resolve_model_dir
+
+    run = path.parent
+    record = _read_json(run / "chattune.json")
+    base = base_model_path or record.get("base_model")
+    if not base:
+        raise ExportError(f"{path}: a checkpoint of a run that has not finished records no model; pass "
+                          f"--base-model-path (the run's --model_name_or_path)")
+    base_dir = resolve_model_dir(base)
+    files = CheckpointFiles(path / "dcp")
+    peft_names = [n for n in files.names() if n.startswith("base_model.model.")]
+    if not peft_names:
+        return Source(Weights(_config(base_dir), files, files.names()), base_dir, record, base, "checkpoint")
+    base_names = [re.sub(r"^base_model\.model\.", "", n).replace(".base_layer.", ".") for n in peft_names
+                  if ".lora_" not in n]
+    adapter_cfg = {"r": None, "lora_alpha": None, **_read_json(run / "adapter_config.json")}
+    if adapter_cfg["r"] is None:
+        raise ExportError(f"{path}: a LoRA checkpoint needs the run's adapter_config.json in {run}")
+    lora_names = [n for n in peft_names if ".lora_" in n]
+    deltas, _ = _plan_lora(base_names, lora_names, adapter_cfg, str(path))
+    weights = Weights(_config(base_dir), _RenamedFiles(files), base_names, files, deltas)
+    return Source(weights, base_dir, record, base, "checkpoint")
+
+
+class _RenamedFiles:
+    """A PEFT-wrapped checkpoint's base weights under the plain model's names."""
+
+    def __init__(self, files: CheckpointFiles):
+        self.files = files
+        self.by_plain = {re.sub(r"^base_model\.model\.", "", n).replace(".base_layer.", "."): n
+                         for n in files.names() if ".lora_" not in n}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files.shape(self.by_plain[name])
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.files.load(self.by_plain[name])
+
+    def nbytes(self) -> int:
+        return sum(4 * int(np.prod(self.shape(n))) for n in self.by_plain)
+
+
