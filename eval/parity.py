@@ -257,8 +257,22 @@ def conversations(data: list[str], n: int) -> list[list[dict]]:
     return out
 
 
+def _transformers_limit(export: str) -> str | None:
+    """Why transformers' GGUF loader cannot load this file correctly, for a limit of the loader (not the file)."""
+    import gguf
+
+    fields = gguf.GGUFReader(export).fields
+    arch = fields["general.architecture"].contents()
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if arch == "qwen3" and key_length is not None and key_length.contents() != 128:
+        return ("transformers' GGUF loader reads no head_dim for qwen3 (attention.key_length) and assumes Qwen3's "
+                f"128; this model's is {key_length.contents()}")
+    return None
+
+
 def _runtimes(export: str, tokenizer, n_ctx: int, only: set[str] | None):
-    """(name, runtime | None, why skipped) for every runtime that could load the export."""
+    """(name, factory | None, why skipped) for every runtime that could load the export; the caller builds each
+    runtime, so one that fails to load is reported as that runtime's failure."""
     export_path = Path(export)
 
     def wanted(name: str) -> bool:
@@ -268,7 +282,7 @@ def _runtimes(export: str, tokenizer, n_ctx: int, only: set[str] | None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if wanted("transformers"):
-            yield "transformers", TorchRuntime("transformers", AutoModelForCausalLM.from_pretrained(
+            yield "transformers", lambda: TorchRuntime("transformers", AutoModelForCausalLM.from_pretrained(
                 export, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(export)), ""
         template = AutoTokenizer.from_pretrained(export).chat_template
     else:
@@ -279,21 +293,25 @@ def _runtimes(export: str, tokenizer, n_ctx: int, only: set[str] | None):
         if wanted("transformers"):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(export_path.parent, gguf_file=export_path.name,
-                                                         dtype=torch.float32).eval()
-            tok = AutoTokenizer.from_pretrained(export_path.parent, gguf_file=export_path.name)
-            yield "transformers", TorchRuntime("transformers", model, tok), ""
+            def load_transformers():
+                model = AutoModelForCausalLM.from_pretrained(export_path.parent, gguf_file=export_path.name,
+                                                             dtype=torch.float32).eval()
+                tok = AutoTokenizer.from_pretrained(export_path.parent, gguf_file=export_path.name)
+                return TorchRuntime("transformers", model, tok)
+
+            limit = _transformers_limit(export)
+            yield "transformers", (None if limit else load_transformers), limit or ""
         if wanted("llama.cpp"):
             try:
                 import llama_cpp  # noqa: F401
             except ImportError:
                 yield "llama.cpp", None, "llama-cpp-python is not installed (make llama-cpp builds and installs it)"
             else:
-                yield "llama.cpp", LlamaCppRuntime(export, n_ctx), ""
+                yield "llama.cpp", lambda: LlamaCppRuntime(export, n_ctx), ""
     if wanted("jinja2-sandboxed"):
         if not template:
             raise ParityError(f"{export}: the export carries no chat_template")
-        yield "jinja2-sandboxed", SandboxedJinjaRuntime(template, tokenizer), ""
+        yield "jinja2-sandboxed", lambda: SandboxedJinjaRuntime(template, tokenizer), ""
 
 
 def run(model_path: str, export: str, data: list[str] | None = None, n: int = 8, n_greedy: int = 32,
@@ -314,9 +332,15 @@ def run(model_path: str, export: str, data: list[str] | None = None, n: int = 8,
     prompts = [(msgs, encode_prompt(msgs, loaded.tokenizer, loaded.template)) for msgs in conversations(data, n)]
     n_ctx = max(len(ids) for _, ids in prompts) + n_greedy + 8
     reports, cache = [], {}
-    for name, runtime, why in _runtimes(export, loaded.tokenizer, n_ctx, runtimes):
-        if runtime is None:
+    for name, factory, why in _runtimes(export, loaded.tokenizer, n_ctx, runtimes):
+        if factory is None:
             reports.append(RuntimeReport(name, f"skipped: {why}"))
+            continue
+        try:
+            runtime = factory()
+        except Exception as e:  # noqa: BLE001 - any load error is this runtime's failure, reported, not raised
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reports.append(RuntimeReport(name, "failed", [Check("loads the export", line[:160], "", False)]))
             continue
         try:
             reports.append(compare(runtime, reference, prompts, limits, n_greedy, cache))

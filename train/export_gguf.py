@@ -84,7 +84,10 @@ def write_gguf(source: Source, tokenizer, template: str, output: Path, outtype: 
     writer = gguf.GGUFWriter(tmp, spec.name)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or output.stem)
+        name = name or output.stem
+        # transformers' GGUF loader takes a llama-architecture file named exactly "mistral" for a Mistral, which
+        # gguf-py then cannot map; any other name loads
+        writer.add_name(f"{name}-model" if name == "mistral" else name)
         ftype = OUTTYPES[outtype][1]
         writer.add_file_type(ftype)
         if outtype in ("q8_0", "q4_0"):

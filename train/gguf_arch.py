@@ -69,8 +69,13 @@ def arch_spec(cfg) -> ArchSpec:
     if spec is None:
         raise ArchExportError(f"model type {cfg.model_type!r} cannot be exported to GGUF; supported: "
                               f"{', '.join(sorted(ARCHS))}")
-    if getattr(cfg, "model_type", "") == "mistral" and getattr(cfg, "sliding_window", None):
+    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
         raise ArchExportError(f"a Mistral with sliding_window={cfg.sliding_window} has no llama GGUF equivalent")
+    if cfg.model_type == "gemma2" and cfg.query_pre_attn_scalar != head_dim(cfg):
+        # llama.cpp scales Gemma-2's queries by 1/sqrt(head_dim) (27B's other scalar is special-cased by its layer
+        # count) and transformers' loader assumes the default 256: the file has no key for another value
+        raise ArchExportError(f"a Gemma-2 with query_pre_attn_scalar={cfg.query_pre_attn_scalar} != head_dim="
+                              f"{head_dim(cfg)} cannot be expressed in GGUF")
     return spec
 
 
