@@ -21,6 +21,7 @@ not installed is reported as skipped, never as passed. Exit status 1 when any ch
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -221,16 +222,26 @@ def compare(runtime, reference: TorchRuntime, prompts: list[tuple[list[dict], li
 
 # --- inputs -------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def _metadata(path: str, mtime_ns: int) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields  # parses every field, the vocabulary too: slow, so read once
+    return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.ggml.")}
+
+
+def gguf_metadata(path: str) -> dict:
+    """A GGUF file's metadata (all but the vocabulary arrays), read once per file version."""
+    return _metadata(str(path), Path(path).stat().st_mtime_ns)
+
+
 def export_outtype(export: str) -> str:
     """The outtype a GGUF file was written with (its general.file_type), or the dtype of an HF export."""
     if Path(export).is_dir():
         cfg = json.loads((Path(export) / "config.json").read_text())
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
         return {"bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
-    import gguf
-
-    field_ = gguf.GGUFReader(export).fields.get("general.file_type")
-    code = int(field_.contents()) if field_ is not None else 0
+    code = int(gguf_metadata(export).get("general.file_type", 0))
     if code not in FILE_TYPES:
         raise ParityError(f"{export}: file type {code} has no parity thresholds (f32, f16, bf16, q8_0, q4_0 do)")
     return FILE_TYPES[code]
@@ -259,14 +270,12 @@ def conversations(data: list[str], n: int) -> list[list[dict]]:
 
 def _transformers_limit(export: str) -> str | None:
     """Why transformers' GGUF loader cannot load this file correctly, for a limit of the loader (not the file)."""
-    import gguf
-
-    fields = gguf.GGUFReader(export).fields
-    arch = fields["general.architecture"].contents()
-    key_length = fields.get(f"{arch}.attention.key_length")
-    if arch == "qwen3" and key_length is not None and key_length.contents() != 128:
+    meta = gguf_metadata(export)
+    arch = meta["general.architecture"]
+    key_length = meta.get(f"{arch}.attention.key_length")
+    if arch == "qwen3" and key_length is not None and key_length != 128:
         return ("transformers' GGUF loader reads no head_dim for qwen3 (attention.key_length) and assumes Qwen3's "
-                f"128; this model's is {key_length.contents()}")
+                f"128; this model's is {key_length}")
     return None
 
 
@@ -286,10 +295,7 @@ def _runtimes(export: str, tokenizer, n_ctx: int, only: set[str] | None):
                 export, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(export)), ""
         template = AutoTokenizer.from_pretrained(export).chat_template
     else:
-        import gguf
-
-        field_ = gguf.GGUFReader(export).fields.get("tokenizer.chat_template")
-        template = field_.contents() if field_ is not None else None
+        template = gguf_metadata(export).get("tokenizer.chat_template")
         if wanted("transformers"):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
