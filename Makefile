@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.chattune-installed
 DEMO_DATA := data/demo/chattune_demo.jsonl
 
-.PHONY: install assets test test-fast demo lint bench-preprocess bench-train clean-cache
+.PHONY: install assets test test-fast demo lint bench-preprocess bench-train clean-cache llama-cpp export-demo
 
 # torch is pinned first so pip takes the local CPU wheel instead of a multi-GB CUDA build;
 # DeepSpeed builds no ops at install time (they JIT-compile on first use); FastChat is installed
@@ -38,6 +38,14 @@ demo: assets
 	$(PY) -m data.validate $(DEMO_DATA)
 	$(PY) -m data.inspect --data $(DEMO_DATA) --tokenizer asset:smollm2 --template chatml --index 0 --count 1
 	$(PY) scripts/demo.py --output_dir outputs/demo
+
+# llama.cpp's half of the export parity gate (docs/export.md): building llama-cpp-python takes ~5 minutes on 2
+# cores the first time (the wheel is cached), so it runs here rather than in `make test`.
+llama-cpp: install
+	$(PY) scripts/install_llama_cpp.py
+
+export-demo: assets llama-cpp
+	$(PY) scripts/export_demo.py --output_dir outputs/demo
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -67,6 +67,30 @@ def run_identity_eval(loaded: LoadedModel, items: list[dict], max_new_tokens: in
         text = result.text.strip()
         rows.append({"question": item["question"], "expect": item["expect"], "answer": text,
                      **score_answer(text, result.finish_reason, item["expect"])})
+    return _summary(rows)
+
+
+def run_identity_eval_llama_cpp(gguf_path: str, items: list[dict], max_new_tokens: int = 64) -> dict:
+    """The same questions asked through llama.cpp (llama-cpp-python's chat completion: the GGUF's own chat
+    template, tokenizer and end-of-generation tokens), greedy, as a llama.cpp or Ollama user would ask them."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=1024, verbose=False, seed=0)
+    try:
+        rows = []
+        for item in items:
+            out = llm.create_chat_completion([{"role": "user", "content": item["question"]}], temperature=0.0,
+                                             top_k=1, max_tokens=max_new_tokens)
+            choice = out["choices"][0]
+            text = (choice["message"]["content"] or "").strip()
+            rows.append({"question": item["question"], "expect": item["expect"], "answer": text,
+                         **score_answer(text, choice["finish_reason"], item["expect"])})
+    finally:
+        llm.close()
+    return _summary(rows)
+
+
+def _summary(rows: list[dict]) -> dict:
     n = len(rows)
     return {"items": rows, "correct": sum(r["correct"] for r in rows), "well_formed": sum(r["well_formed"] for r in rows),
             "total": n, "accuracy": sum(r["correct"] for r in rows) / n, "format_rate": sum(r["well_formed"] for r in rows) / n}
@@ -88,14 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default=str(DEFAULT_SPEC), help="questions and expected facts (JSON)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--output", help="write the scored answers as JSON")
+    p.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="llama.cpp: ask a .gguf --model-path through llama-cpp-python's chat completion")
     args = p.parse_args(argv)
     try:
         items = load_spec(args.spec)
-        loaded = load_from_args(args)
+        if args.runtime == "llama.cpp":
+            if not args.model_path.endswith(".gguf"):
+                raise ValueError(f"--runtime llama.cpp needs a .gguf --model-path, got {args.model_path}")
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                raise ValueError("--runtime llama.cpp needs llama-cpp-python (make llama-cpp installs it)") from None
+            report = run_identity_eval_llama_cpp(args.model_path, items, args.max_new_tokens)
+        else:
+            report = run_identity_eval(load_from_args(args), items, args.max_new_tokens)
     except (ServeLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    report = run_identity_eval(loaded, items, args.max_new_tokens)
     print_report(report, args.model_path)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False))
