@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,7 +181,12 @@ def _agree(ref: np.ndarray, got: np.ndarray, tie: float) -> np.ndarray:
 def compare(runtime, reference: TorchRuntime, prompts: list[tuple[list[dict], list[int]]], limits: dict,
             n_greedy: int, ref_cache: dict) -> RuntimeReport:
     report = RuntimeReport(runtime.name, "passed")
-    same_ids = [runtime.prompt_ids(msgs) == ids for msgs, ids in prompts]
+    try:
+        same_ids = [runtime.prompt_ids(msgs) == ids for msgs, ids in prompts]
+    except Exception as e:  # noqa: BLE001 - a runtime that cannot build the prompt fails, with its reason
+        report.checks.append(Check("builds the chat prompt", str(e).splitlines()[0][:160], "", False))
+        report.status = "failed"
+        return report
     first_bad = next((i for i, ok in enumerate(same_ids) if not ok), None)
     report.checks.append(Check("prompt ids identical", f"{sum(same_ids)}/{len(prompts)}", "all",
                                all(same_ids)))
@@ -300,9 +307,16 @@ def _runtimes(export: str, tokenizer, n_ctx: int, only: set[str] | None):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             def load_transformers():
-                model = AutoModelForCausalLM.from_pretrained(export_path.parent, gguf_file=export_path.name,
-                                                             dtype=torch.float32).eval()
-                tok = AutoTokenizer.from_pretrained(export_path.parent, gguf_file=export_path.name)
+                # the file alone in a directory: next to a training output's tokenizer files, transformers would
+                # read those instead of the GGUF's own tokenizer and template
+                alone = Path(tempfile.mkdtemp(prefix="parity-"))
+                (alone / export_path.name).symlink_to(export_path.resolve())
+                try:
+                    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=export_path.name,
+                                                                 dtype=torch.float32).eval()
+                    tok = AutoTokenizer.from_pretrained(alone, gguf_file=export_path.name)
+                finally:
+                    shutil.rmtree(alone, ignore_errors=True)
                 return TorchRuntime("transformers", model, tok)
 
             limit = _transformers_limit(export)

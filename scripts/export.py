@@ -66,7 +66,7 @@ def write_hf(source: Source, tokenizer, template: str, out: Path, dtype: str) ->
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in source.weights.names if not n.endswith(".rotary_emb.inv_freq")]
     spec = [(n, source.weights.shape(n), torch_dtype) for n in names]
-    save_safetensors_streamed(out, spec, (source.weights.load(n).to(torch_dtype) for n in names))
+    save_safetensors_streamed(out, spec, ((n, source.weights.load(n).to(torch_dtype)) for n in names))
     cfg = source.weights.config
     cfg.dtype = torch_dtype
     cfg.save_pretrained(out)

@@ -1,0 +1,107 @@
+"""scripts/export.py as a user runs it: a LoRA training output exported to GGUF (with an Ollama Modelfile) and to a
+merged HF directory, the parity gate running by default, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts import export
+
+DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "chattune_demo.jsonl"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_llama, tokenizers) -> Path:
+    """What a LoRA run writes: the adapter, the tokenizer with the training template, chattune.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("lora-run")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():  # peaked logits: a random tiny model's near-ties would make greedy replies arbitrary
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    base = out.parent / f"{out.name}-base"
+    model.save_pretrained(base)
+    tokenizers["smollm2"].save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)  # the adapter records this base, as a real run's does
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    peft_model.save_pretrained(out)
+    tokenizers["smollm2"].save_pretrained(out)
+    (out / "chattune.json").write_text(json.dumps({"template": "chatml", "mode": "lora", "base_model": str(base),
+                                                   "flags": {"data_path": [str(DEMO)]}}))
+    return out
+
+
+def test_gguf_with_modelfile_passes_the_default_gate(lora_run, tmp_path, capsys):
+    path = tmp_path / "run-f16.gguf"
+    assert export.main(["--model-path", str(lora_run), "--outtype", "f16", "--output", str(path), "--ollama"]) == 0
+    text = capsys.readouterr().out
+    assert "[transformers] PASSED" in text and "[jinja2-sandboxed] PASSED" in text and "parity gate passed" in text
+    assert "[llama.cpp] PASSED" in text or "[llama.cpp] skipped" in text
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert "\nFROM ./run-f16.gguf\n" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE" in modelfile
+
+
+def test_hf_export_merges_the_adapter(lora_run, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert export.main(["--model-path", str(lora_run), "--format", "hf", "--dtype", "fp32", "--output", str(out)]) == 0
+    assert "[transformers] PASSED" in capsys.readouterr().out
+    record = json.loads((out / "chattune.json").read_text())
+    assert record["mode"] == "merged" and record["template"] == "chatml"
+    base = AutoModelForCausalLM.from_pretrained(record["base_model"])
+    want = PeftModel.from_pretrained(base, str(lora_run)).merge_and_unload().state_dict()
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_failed_gate_fails_the_command(lora_run, tmp_path, capsys):
+    """An export compared with another model (the base without its adapter) must make the command fail."""
+    path = tmp_path / "x.gguf"
+    assert export.main(["--model-path", str(lora_run), "--outtype", "f32", "--output", str(path), "--no-check"]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(lora_run, other)
+    (other / "adapter_model.safetensors").unlink()
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((lora_run / "chattune.json").read_text())["base_model"]
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"])).save_pretrained(other)  # B = 0
+    from eval import parity
+
+    assert parity.main(["--model-path", str(other), "--export", str(path), "--runtimes", "transformers",
+                        "--n", "2", "--greedy-tokens", "4"]) == 1
+    assert "parity: FAILED in transformers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model-path", "/nonexistent/run"], "--model-path /nonexistent/run: no such directory or file"),
+    (["--model-path", "{run}", "--format", "hf", "--output", "{run}"], "exists and is not empty"),
+])
+def test_bad_input_is_one_line(lora_run, argv, message, capsys):
+    argv = [a.replace("{run}", str(lora_run)) for a in argv]
+    assert export.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_ollama_needs_gguf():
+    with pytest.raises(SystemExit):
+        export.main(["--model-path", "x", "--format", "hf", "--ollama"])
