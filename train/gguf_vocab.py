@@ -173,10 +173,10 @@ def build_vocab(tokenizer, n_vocab: int | None = None, origin_gguf: str | None =
                 types.append(gguf.TokenType.UNUSED)
             else:
                 types.append(gguf.TokenType.NORMAL)
-        prepend = any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never"
-                      for n in _walk([spec.get("pre_tokenizer"), spec.get("normalizer")]))
-        prepend |= any(n.get("type") == "Prepend" for n in _walk(spec.get("normalizer")))
-        return GgufVocab("llama", "default", tokens, [int(t) for t in types], scores, [], special_ids, add_bos, prepend)
+        # No automatic word-boundary space: HF's SentencePiece tokenizers put "▁" only before the very start of the
+        # input, llama.cpp's before the first text after BOS too, so "<s> [INST]" would get two. The exported chat
+        # template writes that space itself (data/tokenize.py export_chat_template), which both then tokenize alike.
+        return GgufVocab("llama", "default", tokens, [int(t) for t in types], scores, [], special_ids, add_bos, False)
 
     name = pre or _origin_pre(origin_gguf, tokens) or detect_pre(spec)
     if name is None:
