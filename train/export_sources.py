@@ -124,10 +124,10 @@ class Weights:
         if name in self.replaced:
             return self.lora_files.load(self.replaced[name])
         w = self.files.load(name)
+        if self.nf4_round_trip is not None and _quantized_by_qlora(name, w):
+            w = self.nf4_round_trip(w)
         delta = self.deltas.get(name)
         if delta is not None:
-            if self.nf4_round_trip is not None:
-                w = self.nf4_round_trip(w)
             w = w + self.lora_files.load(delta.b) @ self.lora_files.load(delta.a) * delta.scale
         return w
 
@@ -176,6 +176,11 @@ def _plan_lora(names: list[str], adapter_names: list[str], adapter_cfg: dict, wh
         else:
             raise ExportError(f"{where}: adapter tensor {key} matches no weight of the base model")
     return deltas, replaced
+
+
+def _quantized_by_qlora(name: str, w: torch.Tensor) -> bool:
+    """transformers' bitsandbytes loading quantizes every Linear but the output head: the blocks' matrices."""
+    return w.dim() == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
 
 def _nf4_round_trip(compute_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -238,7 +243,10 @@ def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
         lora = SafetensorsFiles(path)
         deltas, replaced = _plan_lora(files.names(), lora.names(), adapter_cfg, str(path))
         weights = Weights(_config(base_dir), files, files.names(), lora, deltas, replaced)
-        if record.get("mode") == "qlora" and record.get("bits", 4) == 4:
+        if record.get("mode") == "qlora":
+            if record.get("flags", {}).get("bits", 4) != 4:
+                raise ExportError(f"{path}: an 8-bit QLoRA adapter is not merged here yet (its base's int8 rounding "
+                                  f"is not reproduced); merge it with scripts/merge_lora.py")
             weights.nf4_round_trip = _nf4_round_trip(_compute_dtype(record))
         return Source(weights, str(path), record, base, "adapter")
     if not (path / "config.json").is_file():
@@ -248,7 +256,8 @@ def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
 
 
 def _compute_dtype(record: dict) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(record.get("compute_dtype", ""), torch.float32)
+    """The dtype training computed in (chattune.json's `precision`): a QLoRA base is dequantized to it."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(record.get("precision", ""), torch.float32)
 
 
 def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:

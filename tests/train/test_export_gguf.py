@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eval import parity
+from scripts.tiny_model import make_tiny_model
 from train.export_gguf import tensor_type, write_gguf
 from train.export_sources import ExportError, open_weights
 from train.gguf_arch import ArchExportError, permute_rope_rows
@@ -20,50 +21,25 @@ from train.gguf_arch import ArchExportError, permute_rope_rows
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "chattune_demo.jsonl"
 
 
-def _config(arch: str, vocab: int, tok):
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id)
-    return {
-        "llama": lambda: LlamaConfig(**common, tie_word_embeddings=True),
-        "mistral": lambda: MistralConfig(**common, tie_word_embeddings=False, sliding_window=None),
-        "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),
-        # transformers' GGUF loader assumes Qwen3's head_dim 128, as every released Qwen3 has
-        "qwen3": lambda: Qwen3Config(**common, head_dim=128, tie_word_embeddings=True),
-        "qwen3-wide-heads": lambda: Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
-        # transformers' GGUF loader assumes Gemma-2's query scalar 256, as the released 2B/9B have
-        "gemma2": lambda: Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, sliding_window=64,
-                                       tie_word_embeddings=True),
-    }[arch]()
+def _model_dir(tmp: Path, arch: str, tok, scale: float = 1.0, template: str = "chatml") -> Path:
+    return Path(make_tiny_model(tmp, arch, tok, scale=scale, template=template, data=[str(DEMO)]))
 
 
-def _model_dir(tmp: Path, arch: str, tok, scale: float = 1.0) -> Path:
-    """A tiny random model saved like a training output (weights, tokenizer, chattune.json)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(arch, len(tok), tok))
-    with torch.no_grad():  # larger weights than the init's: logits far apart, so ties are rare
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(scale)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "chattune.json").write_text(json.dumps({"template": "chatml", "mode": "full",
-                                                   "flags": {"data_path": [str(DEMO)]}}))
-    return tmp
-
-
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
-def test_gate_passes_for_each_architecture(arch, tmp_path, tokenizers):
-    out = _model_dir(tmp_path / arch, arch, tokenizers["smollm2"], scale=8.0)
+@pytest.mark.parametrize("arch,tokenizer,template", [
+    ("llama", "llama-spm", "llama-2"),  # SentencePiece vocabulary, automatic BOS
+    ("mistral", "llama-spm", "vicuna_v1.1"),
+    ("qwen2", "smollm2", "chatml"),  # byte-level BPE
+    ("qwen3", "smollm2", "chatml"),
+    ("gemma2", "smollm2", "zephyr"),
+])
+def test_gate_passes_for_each_architecture(arch, tokenizer, template, tmp_path, tokenizers):
+    tok = tokenizers[tokenizer]
+    out = _model_dir(tmp_path / arch, arch, tok, scale=8.0, template=template)
     src = open_weights(str(out))
-    gguf_path = write_gguf(src, tokenizers["smollm2"], "chatml", tmp_path / f"{arch}.gguf", "f32")
+    gguf_path = write_gguf(src, tok, template, tmp_path / f"{arch}.gguf", "f32")
     reader = gguf.GGUFReader(gguf_path)
     assert reader.fields["general.architecture"].contents() == ("llama" if arch == "mistral" else arch)
-    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
+    assert reader.fields["tokenizer.ggml.model"].contents() == ("llama" if tokenizer == "llama-spm" else "gpt2")
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (arch in ("mistral", "qwen2"))  # tied embeddings write no output matrix
     reports = parity.run(str(out), str(gguf_path), n=3, n_greedy=8, runtimes={"transformers", "jinja2-sandboxed"})
@@ -198,3 +174,31 @@ def test_unsupported_architecture_is_one_line(tmp_path, tokenizers):
     with pytest.raises(ArchExportError, match="model type 'gpt2' cannot be exported to GGUF; supported: gemma2, llama"):
         write_gguf(open_weights(str(tmp_path / "g")), tokenizers["smollm2"], "chatml", tmp_path / "g.gguf", "f16")
     assert not (tmp_path / "g.gguf").exists() and not list(tmp_path.glob(".g.gguf*"))
+
+
+def test_qlora_base_is_merged_as_training_saw_it(tmp_path, tokenizers):
+    """A QLoRA run trained against NF4 base weights: the export merges into those (dequantized), every block
+    matrix included, not into the full-precision base."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = _model_dir(tmp_path / "base", "llama", tokenizers["smollm2"])
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "chattune.json").write_text(json.dumps({"mode": "qlora", "precision": "fp32",
+                                                              "flags": {"bits": 4}}))
+    src = open_weights(str(tmp_path / "a"), base_model_path=str(base))
+    q4 = AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32), device_map={"": "cpu"})
+    import bitsandbytes.functional as bnbf
+
+    layer = q4.model.layers[1].mlp.down_proj  # not a LoRA target: still NF4 in training
+    want = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    got = src.weights.load("model.layers.1.mlp.down_proj.weight")
+    torch.testing.assert_close(got, want)
+    full = src.weights.files.load("model.layers.1.mlp.down_proj.weight")
+    assert not torch.equal(got, full)
+    torch.testing.assert_close(src.weights.load("model.embed_tokens.weight"), src.weights.files.load(
+        "model.embed_tokens.weight"))
