@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("serve.cli", "chat with a model in the terminal (python -m serve.cli)"),
     "serve": ("serve.openai_api_server", "OpenAI-compatible HTTP API for a model (python -m serve.openai_api_server)"),
     "eval": ("eval.loss", "held-out loss and perplexity (python -m eval.loss); `eval gen|judge|show|identity`: below"),
-    "export": ("scripts.merge_lora", "merge a LoRA/QLoRA adapter into its base: a standalone HF model"),
+    "export": ("scripts.export", "export to GGUF (llama.cpp, Ollama) or a merged HF model, checked by eval.parity"),
     "plan": ("train.plan", "plan a training run before starting it (python -m train.plan, not there yet)"),
     "inspect": ("data.inspect", "show what the model learns from: tokens by supervised/masked, stats"),
     "validate": ("data.validate", "check and normalize data files; `PATH:LINE: problem` per bad record"),
@@ -38,6 +38,7 @@ EVAL_FORMS: dict[str, tuple[str, str]] = {
     "judge": ("eval.judge", "judge answers with an OpenAI-compatible endpoint"),
     "show": ("eval.show_results", "tables from judgment files"),
     "identity": ("eval.identity", "score held-out identity facts"),
+    "parity": ("eval.parity", "prove an export behaves like the trained model in every runtime"),
 }
 
 

@@ -65,7 +65,7 @@ def test_plan_without_a_planner_says_so():
 
 
 def test_subcommands_reach_their_entry_points_with_the_rest_of_argv(capsys, monkeypatch):
-    """In-process: `eval FORM` picks the eval tool, `export` runs scripts/merge_lora.py's main (argparse names it
+    """In-process: `eval FORM` picks the eval tool, `export` runs scripts/export.py's main (argparse names it
     `chattune export`), and argv after the subcommand is passed on untouched."""
     from scripts import cli
 
