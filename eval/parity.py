@@ -89,13 +89,16 @@ class LlamaCppRuntime:
     """llama.cpp through llama-cpp-python: its Jinja chat formatter (what `create_chat_completion` uses for a
     GGUF's `tokenizer.chat_template`), its tokenizer and its CPU kernels."""
 
-    def __init__(self, path: str, n_ctx: int):
+    def __init__(self, path: str, n_ctx: int, exact: bool = False):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.name = "llama.cpp"
+        # llama.cpp keeps its KV cache in f16 by default (what users run, kept for the other types); an f32 export
+        # is compared with an f32 cache, so that f32 means the model's own numbers
+        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact else {}
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                                   n_threads=max(1, torch.get_num_threads()))
+                                   n_threads=max(1, torch.get_num_threads()), **cache)
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ParityError(f"{path}: the GGUF has no tokenizer.chat_template")
@@ -327,7 +330,7 @@ def _runtimes(export: str, tokenizer, n_ctx: int, only: set[str] | None):
             except ImportError:
                 yield "llama.cpp", None, "llama-cpp-python is not installed (make llama-cpp builds and installs it)"
             else:
-                yield "llama.cpp", lambda: LlamaCppRuntime(export, n_ctx), ""
+                yield "llama.cpp", lambda: LlamaCppRuntime(export, n_ctx, export_outtype(export) == "f32"), ""
     if wanted("jinja2-sandboxed"):
         if not template:
             raise ParityError(f"{export}: the export carries no chat_template")

@@ -274,32 +274,13 @@ def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
     peft_names = [n for n in files.names() if n.startswith("base_model.model.")]
     if not peft_names:
         return Source(Weights(_config(base_dir), files, files.names()), base_dir, record, base, "checkpoint")
-    base_names = [re.sub(r"^base_model\.model\.", "", n).replace(".base_layer.", ".") for n in peft_names
-                  if ".lora_" not in n]
-    adapter_cfg = {"r": None, "lora_alpha": None, **_read_json(run / "adapter_config.json")}
-    if adapter_cfg["r"] is None:
-        raise ExportError(f"{path}: a LoRA checkpoint needs the run's adapter_config.json in {run}")
-    lora_names = [n for n in peft_names if ".lora_" in n]
-    deltas, _ = _plan_lora(base_names, lora_names, adapter_cfg, str(path))
-    weights = Weights(_config(base_dir), _RenamedFiles(files), base_names, files, deltas)
+    # A LoRA run checkpoints only what it trains (train/portable_state.py): the base comes from the base model.
+    adapter_cfg = _read_json(run / "adapter_config.json")
+    if not adapter_cfg:
+        raise ExportError(f"{path}: a LoRA checkpoint holds only the adapter's tensors, and their rank and alpha are "
+                          f"in {run / 'adapter_config.json'}, which the run writes when it ends; export a LoRA run's "
+                          f"final output, or a full fine-tune's checkpoint")
+    base_files = SafetensorsFiles(Path(base_dir))
+    deltas, replaced = _plan_lora(base_files.names(), peft_names, adapter_cfg, str(path))
+    weights = Weights(_config(base_dir), base_files, base_files.names(), files, deltas, replaced)
     return Source(weights, base_dir, record, base, "checkpoint")
-
-
-class _RenamedFiles:
-    """A PEFT-wrapped checkpoint's base weights under the plain model's names."""
-
-    def __init__(self, files: CheckpointFiles):
-        self.files = files
-        self.by_plain = {re.sub(r"^base_model\.model\.", "", n).replace(".base_layer.", "."): n
-                         for n in files.names() if ".lora_" not in n}
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.files.shape(self.by_plain[name])
-
-    def load(self, name: str) -> torch.Tensor:
-        return self.files.load(self.by_plain[name])
-
-    def nbytes(self) -> int:
-        return sum(4 * int(np.prod(self.shape(n))) for n in self.by_plain)
-
-

@@ -91,6 +91,22 @@ def test_a_failed_gate_fails_the_command(lora_run, tmp_path, capsys):
     assert "parity: FAILED in transformers" in capsys.readouterr().out
 
 
+def test_full_checkpoint_exports_and_passes_the_gate(tiny_llama, tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    state = {k: v * 8 for k, v in AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict().items()
+             if k != "lm_head.weight"}  # tied: the portable layout holds the embedding once
+    ckpt = tmp_path / "run" / "checkpoint-7"
+    dcp.save({"model": state}, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    argv = ["--model-path", str(ckpt), "--base-model-path", tiny_llama, "--template", "chatml", "--outtype", "f32",
+            "--data", str(DEMO)]
+    assert export.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[transformers] PASSED" in out and (tmp_path / "run" / "run-checkpoint-7-f32.gguf").is_file()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model-path", "/nonexistent/run"], "--model-path /nonexistent/run: no such directory or file"),
     (["--model-path", "{run}", "--format", "hf", "--output", "{run}"], "exists and is not empty"),

@@ -165,6 +165,37 @@ def test_checkpoint_source_reads_the_portable_layout(tmp_path, tokenizers):
         torch.testing.assert_close(src.weights.load(name), state[name])
 
 
+def test_lora_checkpoint_merges_its_adapter_into_the_base(tmp_path, tokenizers):
+    """A LoRA run's checkpoint holds only the trained tensors (train/portable_state.py's layout); the export
+    merges them into the base as peft would."""
+    import torch.distributed.checkpoint as dcp
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.portable_state import torch_state
+
+    base = _model_dir(tmp_path / "base", "llama", tokenizers["smollm2"])
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    run = tmp_path / "run"
+    state = torch_state(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), is_peft=True)
+    dcp.save(state, checkpoint_id=str(run / "checkpoint-4" / "dcp"), no_dist=True)
+    (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ExportError, match="adapter_config.json, which the run writes when it ends"):
+        open_weights(str(run / "checkpoint-4"), base_model_path=str(base))
+    cfg.save_pretrained(run)
+    src = open_weights(str(run / "checkpoint-4"), base_model_path=str(base))
+    merged = model.merge_and_unload().state_dict()
+    assert src.kind == "checkpoint" and len(src.weights.deltas) == 2 * 2
+    for name in src.weights.names:
+        torch.testing.assert_close(src.weights.load(name), merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_unsupported_architecture_is_one_line(tmp_path, tokenizers):
     from transformers import GPT2Config, GPT2LMHeadModel
 
