@@ -7,8 +7,9 @@
 4. asks the 7 held-out questions through serve.cli's loader and through llama.cpp on each file, and requires
    llama.cpp to answer as many correctly,
 5. runs the gate in every runtime on tiny random models of each tokenizer family we export (SentencePiece
-   Llama-2 with the llama-2 and vicuna templates, Llama-3, Qwen2, SmolLM2), since llama.cpp tokenizes each
-   family with its own code: the suite checks these in transformers only.
+   Llama-2 with the llama-2 and vicuna templates, Llama-3, Qwen2, SmolLM2) and of each architecture (llama,
+   mistral, qwen2, qwen3, gemma2, gemma3), since llama.cpp has its own tokenizer and model code for each: the suite
+   checks these in transformers only.
 
     python scripts/export_demo.py [--output_dir outputs/demo] [--outtypes f16 q8_0]
 """
@@ -65,7 +66,7 @@ def main() -> int:
     print(f"\n{'runtime':<34} {'parity gate':<12} {'facts':<6} well formed")
     for name, gate, correct, formed in rows:
         print(f"{name:<34} {gate:<12} {correct}/{served['total']:<4} {formed}/{served['total']}")
-    print(f"\n{'tokenizer family (tiny model, f16)':<46} parity gate: transformers, llama.cpp, jinja2-sandboxed")
+    print(f"\n{'tokenizer + template (tiny model, f16)':<46} parity gate: transformers, llama.cpp, jinja2-sandboxed")
     for name, status in matrix:
         print(f"{name:<46} {status}")
     print("\nexport-demo: " + ("passed" if ok else "FAILED"))
@@ -73,7 +74,8 @@ def main() -> int:
 
 
 FAMILIES = [("llama-spm", "llama-2", "llama"), ("llama-spm", "vicuna_v1.1", "mistral"), ("llama-bpe", "llama-3", "llama"),
-            ("qwen2", "chatml", "qwen2"), ("smollm2", "chatml", "llama")]
+            ("qwen2", "chatml", "qwen2"), ("smollm2", "chatml", "llama"), ("smollm2", "chatml", "qwen3"),
+            ("smollm2", "zephyr", "gemma2"), ("smollm2", "chatml", "gemma3")]
 
 
 def tokenizer_matrix(work: Path) -> list[tuple[str, str]]:

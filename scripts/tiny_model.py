@@ -22,7 +22,14 @@ def make_tiny_llama(out_dir, tokenizer, seed: int = 0, layers: int = 2, context:
 
 
 def _arch_config(arch: str, vocab: int, tok):
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
@@ -37,12 +44,15 @@ def _arch_config(arch: str, vocab: int, tok):
         # transformers' GGUF loader assumes Gemma-2's query scalar 256, as the released 2B/9B have
         "gemma2": lambda: Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256, sliding_window=64,
                                        tie_word_embeddings=True),
+        # 6 layers: llama.cpp's Gemma-3 pattern makes every 6th layer global, so both kinds are present
+        "gemma3": lambda: Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=256, query_pre_attn_scalar=256,
+                                           sliding_window=8, tie_word_embeddings=True),
     }[arch]()
 
 
 def make_tiny_model(out_dir, arch: str, tokenizer, scale: float = 1.0, template: str = "chatml",
                     data: list[str] | None = None) -> str:
-    """A tiny random model of an exported architecture (llama, mistral, qwen2, qwen3, gemma2), saved like a
+    """A tiny random model of an exported architecture (llama, mistral, qwen2, qwen3, gemma2, gemma3), saved like a
     training output: weights, tokenizer and a chattune.json naming the template and data. `scale` multiplies
     the matrices: a random model's logits are nearly flat, and larger weights keep greedy choices clear of ties."""
     import json

@@ -6,7 +6,8 @@ GGUF loader and by llama.cpp:
 - llama/mistral: llama.cpp's rotary embedding pairs adjacent dimensions (GPT-J style), HF's pairs the two halves
   of each head, so the rows of `q_proj`/`k_proj` are permuted per head. Qwen2/Qwen3/Gemma use NeoX-style rotary in
   llama.cpp, as HF does: no permutation.
-- gemma2: HF's RMSNorm multiplies by `1 + weight`, llama.cpp's by `weight`, so norm weights are stored plus one.
+- gemma2/gemma3: HF's RMSNorm multiplies by `1 + weight`, llama.cpp's by `weight`, so norm weights are stored plus
+  one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ArchExportError(ValueError):
 def _rope(cfg) -> dict:
     """rope settings in transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
     params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if "full_attention" in params:  # per layer type (Gemma-3): GGUF's rope settings are the global layers'
+        params = dict(params["full_attention"])
     if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
         params["rope_theta"] = cfg.rope_theta
     scaling = getattr(cfg, "rope_scaling", None)
@@ -61,7 +64,10 @@ ARCHS = {
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3),
     "gemma2": ArchSpec(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True),
+    "gemma3_text": ArchSpec(gguf.MODEL_ARCH.GEMMA3, norm_plus_one=True),
 }
+GEMMA3_GLOBAL_EVERY = 6  # llama.cpp's Gemma-3: every 6th layer attends globally, the others in a sliding window
+GEMMA3_LOCAL_THETA = 10000.0  # and the sliding layers' rope base is fixed there
 
 
 def arch_spec(cfg) -> ArchSpec:
@@ -71,12 +77,26 @@ def arch_spec(cfg) -> ArchSpec:
                               f"{', '.join(sorted(ARCHS))}")
     if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
         raise ArchExportError(f"a Mistral with sliding_window={cfg.sliding_window} has no llama GGUF equivalent")
-    if cfg.model_type == "gemma2" and cfg.query_pre_attn_scalar != head_dim(cfg):
+    if cfg.model_type == "gemma3_text":
+        _check_gemma3(cfg)
+    if cfg.model_type in ("gemma2", "gemma3_text") and cfg.query_pre_attn_scalar != head_dim(cfg):
         # llama.cpp scales Gemma-2's queries by 1/sqrt(head_dim) (27B's other scalar is special-cased by its layer
         # count) and transformers' loader assumes the default 256: the file has no key for another value
-        raise ArchExportError(f"a Gemma-2 with query_pre_attn_scalar={cfg.query_pre_attn_scalar} != head_dim="
+        raise ArchExportError(f"a Gemma with query_pre_attn_scalar={cfg.query_pre_attn_scalar} != head_dim="
                               f"{head_dim(cfg)} cannot be expressed in GGUF")
     return spec
+
+
+def _check_gemma3(cfg) -> None:
+    """What llama.cpp's Gemma-3 fixes rather than reads: the layer pattern and the sliding layers' rope base."""
+    pattern = ["full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+               for i in range(cfg.num_hidden_layers)]
+    if list(getattr(cfg, "layer_types", pattern)) != pattern:
+        raise ArchExportError("a Gemma-3 whose layer_types are not every 6th layer global cannot be expressed in GGUF")
+    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
+    if float(local.get("rope_theta", GEMMA3_LOCAL_THETA)) != GEMMA3_LOCAL_THETA:
+        raise ArchExportError(f"a Gemma-3 whose sliding layers' rope_theta is {local['rope_theta']} (llama.cpp fixes "
+                              f"{GEMMA3_LOCAL_THETA:g}) cannot be expressed in GGUF")
 
 
 def add_metadata(writer: gguf.GGUFWriter, cfg, spec: ArchSpec) -> None:
@@ -93,14 +113,16 @@ def add_metadata(writer: gguf.GGUFWriter, cfg, spec: ArchSpec) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     hd = head_dim(cfg)
     writer.add_rope_dimension_count(hd)
-    if hd != cfg.hidden_size // cfg.num_attention_heads or spec.gguf_arch in (gguf.MODEL_ARCH.QWEN3,
-                                                                             gguf.MODEL_ARCH.GEMMA2):
+    if hd != cfg.hidden_size // cfg.num_attention_heads or spec.gguf_arch in (
+            gguf.MODEL_ARCH.QWEN3, gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
         writer.add_key_length(hd)
         writer.add_value_length(hd)
     _add_rope_scaling(writer, rope)
     if spec.gguf_arch == gguf.MODEL_ARCH.GEMMA2:
         writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping or 0.0))
         writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping or 0.0))
+        writer.add_sliding_window(int(cfg.sliding_window))
+    if spec.gguf_arch == gguf.MODEL_ARCH.GEMMA3:
         writer.add_sliding_window(int(cfg.sliding_window))
 
 

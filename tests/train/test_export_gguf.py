@@ -31,6 +31,7 @@ def _model_dir(tmp: Path, arch: str, tok, scale: float = 1.0, template: str = "c
     ("qwen2", "smollm2", "chatml"),  # byte-level BPE
     ("qwen3", "smollm2", "chatml"),
     ("gemma2", "smollm2", "zephyr"),
+    ("gemma3", "smollm2", "chatml"),
 ])
 def test_gate_passes_for_each_architecture(arch, tokenizer, template, tmp_path, tokenizers):
     tok = tokenizers[tokenizer]
@@ -38,7 +39,7 @@ def test_gate_passes_for_each_architecture(arch, tokenizer, template, tmp_path, 
     src = open_weights(str(out))
     gguf_path = write_gguf(src, tok, template, tmp_path / f"{arch}.gguf", "f32")
     reader = gguf.GGUFReader(gguf_path)
-    assert reader.fields["general.architecture"].contents() == ("llama" if arch == "mistral" else arch)
+    assert reader.fields["general.architecture"].contents() == {"mistral": "llama"}.get(arch, arch)
     assert reader.fields["tokenizer.ggml.model"].contents() == ("llama" if tokenizer == "llama-spm" else "gpt2")
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (arch in ("mistral", "qwen2"))  # tied embeddings write no output matrix
