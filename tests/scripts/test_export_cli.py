@@ -16,21 +16,23 @@ DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "chattune_demo.js
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_llama, tokenizers) -> Path:
+def spm_base(tmp_path_factory, tokenizers) -> str:
+    """A tiny random Llama on the Llama-2 SentencePiece vocabulary (32k tokens, no merges: the cheapest GGUF
+    vocabulary to read back), with peaked logits so that greedy choices are clear of ties."""
+    from scripts.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("spm-base"), "llama", tokenizers["llama-spm"], scale=8.0,
+                           template="llama-2", data=[str(DEMO)])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, spm_base, tokenizers) -> Path:
     """What a LoRA run writes: the adapter, the tokenizer with the training template, chattune.json."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("lora-run")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    with torch.no_grad():  # peaked logits: a random tiny model's near-ties would make greedy replies arbitrary
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    base = out.parent / f"{out.name}-base"
-    model.save_pretrained(base)
-    tokenizers["smollm2"].save_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)  # the adapter records this base, as a real run's does
+    model = AutoModelForCausalLM.from_pretrained(spm_base)  # the adapter records this base, as a real run's does
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"]))
     torch.manual_seed(2)
     with torch.no_grad():
@@ -38,8 +40,8 @@ def lora_run(tmp_path_factory, tiny_llama, tokenizers) -> Path:
             if "lora_B" in name:
                 p.normal_(0, 1.0)
     peft_model.save_pretrained(out)
-    tokenizers["smollm2"].save_pretrained(out)
-    (out / "chattune.json").write_text(json.dumps({"template": "chatml", "mode": "lora", "base_model": str(base),
+    tokenizers["llama-spm"].save_pretrained(out)
+    (out / "chattune.json").write_text(json.dumps({"template": "llama-2", "mode": "lora", "base_model": spm_base,
                                                    "flags": {"data_path": [str(DEMO)]}}))
     return out
 
@@ -52,7 +54,7 @@ def test_gguf_with_modelfile_passes_the_default_gate(lora_run, tmp_path, capsys)
     assert "[llama.cpp] PASSED" in text or "[llama.cpp] skipped" in text
     modelfile = (tmp_path / "Modelfile").read_text()
     assert "\nFROM ./run-f16.gguf\n" in modelfile
-    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE" in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile and "[INST]" in modelfile
 
 
 def test_hf_export_merges_the_adapter(lora_run, tmp_path, capsys):
@@ -63,7 +65,7 @@ def test_hf_export_merges_the_adapter(lora_run, tmp_path, capsys):
     assert export.main(["--model-path", str(lora_run), "--format", "hf", "--dtype", "fp32", "--output", str(out)]) == 0
     assert "[transformers] PASSED" in capsys.readouterr().out
     record = json.loads((out / "chattune.json").read_text())
-    assert record["mode"] == "merged" and record["template"] == "chatml"
+    assert record["mode"] == "merged" and record["template"] == "llama-2"
     base = AutoModelForCausalLM.from_pretrained(record["base_model"])
     want = PeftModel.from_pretrained(base, str(lora_run)).merge_and_unload().state_dict()
     got = AutoModelForCausalLM.from_pretrained(out).state_dict()
@@ -91,16 +93,16 @@ def test_a_failed_gate_fails_the_command(lora_run, tmp_path, capsys):
     assert "parity: FAILED in transformers" in capsys.readouterr().out
 
 
-def test_full_checkpoint_exports_and_passes_the_gate(tiny_llama, tmp_path, capsys):
+def test_full_checkpoint_exports_and_passes_the_gate(spm_base, tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    state = {k: v * 8 for k, v in AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict().items()
+    state = {k: v + 0.01 for k, v in AutoModelForCausalLM.from_pretrained(spm_base).state_dict().items()
              if k != "lm_head.weight"}  # tied: the portable layout holds the embedding once
     ckpt = tmp_path / "run" / "checkpoint-7"
     dcp.save({"model": state}, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    argv = ["--model-path", str(ckpt), "--base-model-path", tiny_llama, "--template", "chatml", "--outtype", "f32",
+    argv = ["--model-path", str(ckpt), "--base-model-path", spm_base, "--template", "llama-2", "--outtype", "f32",
             "--data", str(DEMO)]
     assert export.main(argv) == 0
     out = capsys.readouterr().out
