@@ -242,17 +242,22 @@ def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
         files = SafetensorsFiles(Path(base_dir))
         lora = SafetensorsFiles(path)
         deltas, replaced = _plan_lora(files.names(), lora.names(), adapter_cfg, str(path))
-        weights = Weights(_config(base_dir), files, files.names(), lora, deltas, replaced)
-        if record.get("mode") == "qlora":
-            if record.get("flags", {}).get("bits", 4) != 4:
-                raise ExportError(f"{path}: an 8-bit QLoRA adapter is not merged here yet (its base's int8 rounding "
-                                  f"is not reproduced); merge it with scripts/merge_lora.py")
-            weights.nf4_round_trip = _nf4_round_trip(_compute_dtype(record))
+        weights = _qlora_base(Weights(_config(base_dir), files, files.names(), lora, deltas, replaced), record, path)
         return Source(weights, str(path), record, base, "adapter")
     if not (path / "config.json").is_file():
         raise ExportError(f"--model-path {model_path}: not a model directory (no config.json), adapter or checkpoint")
     files = SafetensorsFiles(path)
     return Source(Weights(_config(str(path)), files, files.names()), str(path), record, None, "full")
+
+
+def _qlora_base(weights: Weights, record: dict, path: Path) -> Weights:
+    """A QLoRA run's base weights as its training saw them (NF4 and back), so the merge is the trained model."""
+    if record.get("mode") == "qlora":
+        if record.get("flags", {}).get("bits", 4) != 4:
+            raise ExportError(f"{path}: an 8-bit QLoRA adapter is not merged here yet (its base's int8 rounding "
+                              f"is not reproduced); merge it with scripts/merge_lora.py")
+        weights.nf4_round_trip = _nf4_round_trip(_compute_dtype(record))
+    return weights
 
 
 def _compute_dtype(record: dict) -> torch.dtype:
@@ -283,4 +288,4 @@ def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
     base_files = SafetensorsFiles(Path(base_dir))
     deltas, replaced = _plan_lora(base_files.names(), peft_names, adapter_cfg, str(path))
     weights = Weights(_config(base_dir), base_files, base_files.names(), files, deltas, replaced)
-    return Source(weights, base_dir, record, base, "checkpoint")
+    return Source(_qlora_base(weights, record, path), base_dir, record, base, "checkpoint")
