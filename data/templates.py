@@ -187,6 +187,20 @@ END_OF_TURN: dict[str, list[str]] = {
 TEMPLATE_NAMES = [*BUILTIN_TEMPLATES, "tokenizer"]
 
 
+def recorded_template(requested: str | None, recorded: str | None, tokenizer, where: str, flag: str) -> str:
+    """The template a trained model is used with: the flag's value, else the one training recorded (chattune.json),
+    else the tokenizer's own `chat_template`; never guessed. Errors name `where` (the model) and `flag`."""
+    template = requested or recorded
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(f"{where}: no chattune.json and no chat_template in the tokenizer; pass {flag} "
+                                f"(one of {', '.join(TEMPLATE_NAMES)})")
+        template = "tokenizer"
+    if template not in TEMPLATE_NAMES:
+        raise TemplateError(f"{flag} {template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
+    return template
+
+
 def render_pieces(messages: list[dict], template: str, tokenizer=None, add_generation_prompt: bool = False,
                   tools: list[dict] | None = None, thinking: bool | None = None) -> list[Piece]:
     """Render normalized messages (see data/validate.py), with the record's `tools`, into pieces. Pure function.

@@ -185,17 +185,17 @@ def compare(runtime, reference: TorchRuntime, prompts: list[tuple[list[dict], li
             n_greedy: int, ref_cache: dict) -> RuntimeReport:
     report = RuntimeReport(runtime.name, "passed")
     try:
-        same_ids = [runtime.prompt_ids(msgs) == ids for msgs, ids in prompts]
+        runtime_ids = [runtime.prompt_ids(msgs) for msgs, _ in prompts]
     except Exception as e:  # noqa: BLE001 - a runtime that cannot build the prompt fails, with its reason
         report.checks.append(Check("builds the chat prompt", str(e).splitlines()[0][:160], "", False))
         report.status = "failed"
         return report
+    same_ids = [got == ids for got, (_, ids) in zip(runtime_ids, prompts)]
     first_bad = next((i for i, ok in enumerate(same_ids) if not ok), None)
     report.checks.append(Check("prompt ids identical", f"{sum(same_ids)}/{len(prompts)}", "all",
                                all(same_ids)))
     if first_bad is not None:
-        msgs, ids = prompts[first_bad]
-        got = runtime.prompt_ids(msgs)
+        ids, got = prompts[first_bad][1], runtime_ids[first_bad]
         k = next((j for j, (a, b) in enumerate(zip(ids, got)) if a != b), min(len(ids), len(got)))
         report.checks.append(Check(f"first difference (prompt {first_bad}, token {k})",
                                    f"runtime {got[k:k + 4]}", f"training {ids[k:k + 4]}", False))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from data.assets import resolve_source
-from data.templates import TEMPLATE_NAMES
+from data.templates import TEMPLATE_NAMES, recorded_template
 from data.tokenizer import load_tokenizer
 from train.export_gguf import OUTTYPES, write_gguf
 from train.export_sources import ExportError, Source, open_weights
@@ -45,18 +45,6 @@ def origin_gguf(source: Source, record: dict, model_path: str) -> str | None:
     return None
 
 
-def training_template(source: Source, tokenizer, template: str | None, model_path: str) -> str:
-    template = template or source.record.get("template")
-    if template is None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ExportError(f"{model_path}: no chattune.json and no chat_template in the tokenizer; pass --template "
-                              f"(one of {', '.join(TEMPLATE_NAMES)})")
-        template = "tokenizer"
-    if template not in TEMPLATE_NAMES:
-        raise ExportError(f"--template {template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
-    return template
-
-
 def write_hf(source: Source, tokenizer, template: str, out: Path, dtype: str) -> Path:
     """A merged HF model directory, streamed (train/export.py's writer), with the training template."""
     from data.tokenize import export_chat_template
@@ -70,8 +58,12 @@ def write_hf(source: Source, tokenizer, template: str, out: Path, dtype: str) ->
     cfg = source.weights.config
     cfg.dtype = torch_dtype
     cfg.save_pretrained(out)
+    recorded = tokenizer.chat_template  # the caller's tokenizer is left as it was (the gate reuses it)
     tokenizer.chat_template = export_chat_template(template, tokenizer)
-    tokenizer.save_pretrained(out)
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = recorded
     record = dict(source.record)
     record.update({"template": template, "mode": "merged" if source.kind != "full" else record.get("mode", "full"),
                    "exported_from": {"path": str(source.tokenizer_dir), "kind": source.kind, "base": source.base}})
@@ -108,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = open_weights(args.model_path, args.base_model_path)
         tokenizer = load_tokenizer(source.tokenizer_dir)
-        template = training_template(source, tokenizer, args.template, args.model_path)
+        template = recorded_template(args.template, source.record.get("template"), tokenizer, args.model_path,
+                                     "--template")
         out = Path(args.output) if args.output else default_output(args.model_path, args.format, args.outtype)
         if args.format == "gguf":
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.no_check:
         return 0
-    return _gate(args, out, source)
+    return _gate(args, out, source, tokenizer, template)
 
 
-def _gate(args, out: Path, source: Source) -> int:
+def _gate(args, out: Path, source: Source, tokenizer, template: str) -> int:
     from eval import parity
 
     reference = args.model_path
@@ -141,8 +134,7 @@ def _gate(args, out: Path, source: Source) -> int:
         print("parity: a checkpoint is compared through its HF export (the gate loads models as serve.cli does)")
         reference = str(out.with_name(out.stem + "-reference-hf"))
         shutil.rmtree(reference, ignore_errors=True)
-        write_hf(source, load_tokenizer(source.tokenizer_dir), training_template(source, load_tokenizer(
-            source.tokenizer_dir), args.template, args.model_path), Path(reference), "fp32")
+        write_hf(source, tokenizer, template, Path(reference), "fp32")
     try:
         reports = parity.run(reference, str(out), args.data, base_model_path=args.base_model_path)
     except (parity.ParityError, ValueError, OSError) as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from data.assets import resolve_source
-from data.templates import TEMPLATE_NAMES
+from data.templates import TEMPLATE_NAMES, TemplateError, recorded_template
 from data.tokenize import end_of_turn
 from data.tokenizer import load_tokenizer
 from train.modeling import load_causal_lm, resolve_model_dir
@@ -120,14 +120,10 @@ def load_for_chat(model_path: str, base_model_path: str | None = None, conv_temp
     model.eval()
     tokenizer = load_tokenizer(tokenizer_source)
 
-    template = conv_template or record.get("template")
-    if template is None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ServeLoadError(f"{model_path}: no chattune.json and no chat_template in the tokenizer; pass "
-                                 f"--conv-template (one of {', '.join(TEMPLATE_NAMES)})")
-        template = "tokenizer"
-    if template not in TEMPLATE_NAMES:
-        raise ServeLoadError(f"--conv-template {template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
+    try:
+        template = recorded_template(conv_template, record.get("template"), tokenizer, model_path, "--conv-template")
+    except TemplateError as e:
+        raise ServeLoadError(str(e)) from None
     stop_ids, stop_strings = end_of_turn(tokenizer, template)
     context = int(getattr(model.config, "max_position_embeddings", 0) or record.get("max_length") or 2048)
     return LoadedModel(model, tokenizer, template, stop_ids, stop_strings, str(model_path), kind, context)

@@ -161,3 +161,14 @@ def write(path, records, jsonl: bool = False):
 def read(path) -> list[dict]:
     text = path.read_text()
     return [json.loads(x) for x in text.splitlines()] if str(path).endswith(".jsonl") else json.loads(text)
+
+
+def randomize_lora_b(peft_model, seed: int, std: float) -> None:
+    """Give a fresh adapter non-zero B matrices (peft starts them at zero, which makes every merge a no-op)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)

@@ -64,9 +64,6 @@ class SafetensorsFiles:
         t = torch.from_numpy(arr.copy())
         return (t.view(torch_dtype) if torch_dtype == torch.bfloat16 else t).float()
 
-    def nbytes(self) -> int:
-        return sum(e[2]["data_offsets"][1] - e[2]["data_offsets"][0] for e in self.entries.values())
-
 
 class CheckpointFiles:
     """The model entries of a checkpoint's portable DCP state (train/portable_state.py), one tensor per read."""
@@ -93,9 +90,6 @@ class CheckpointFiles:
         target = {"model": {name: torch.empty(self.shapes[name], dtype=torch.float32)}}
         dcp.load(target, checkpoint_id=str(self.dir), no_dist=True)
         return target["model"][name]
-
-    def nbytes(self) -> int:
-        return sum(4 * int(np.prod(s)) for s in self.shapes.values())
 
 
 @dataclass
@@ -130,9 +124,6 @@ class Weights:
         if delta is not None:
             w = w + self.lora_files.load(delta.b) @ self.lora_files.load(delta.a) * delta.scale
         return w
-
-    def nbytes(self) -> int:
-        return self.files.nbytes()
 
 
 def _lora_scale(cfg: dict, module: str) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize_lora_b
 
 from scripts import export
 
@@ -34,11 +35,7 @@ def lora_run(tmp_path_factory, spm_base, tokenizers) -> Path:
     out = tmp_path_factory.mktemp("lora-run")
     model = AutoModelForCausalLM.from_pretrained(spm_base)  # the adapter records this base, as a real run's does
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"]))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
+    randomize_lora_b(peft_model, seed=2, std=1.0)
     peft_model.save_pretrained(out)
     tokenizers["llama-spm"].save_pretrained(out)
     (out / "chattune.json").write_text(json.dumps({"template": "llama-2", "mode": "lora", "base_model": spm_base,

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_lora_b
 
 from eval import parity
 from scripts.tiny_model import make_tiny_model
@@ -136,11 +137,7 @@ def test_lora_adapter_merges_like_peft(tmp_path, tokenizers):
     cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                      rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3})
     peft_model = get_peft_model(model, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    randomize_lora_b(peft_model, seed=1, std=0.5)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     merged = peft_model.merge_and_unload().state_dict()
@@ -180,11 +177,7 @@ def test_lora_checkpoint_merges_its_adapter_into_the_base(tmp_path, tokenizers):
     base = _model_dir(tmp_path / "base", "llama", tokenizers["smollm2"])
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    randomize_lora_b(model, seed=3, std=0.5)
     run = tmp_path / "run"
     state = torch_state(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), is_peft=True)
     dcp.save(state, checkpoint_id=str(run / "checkpoint-4" / "dcp"), no_dist=True)
