@@ -7,11 +7,14 @@ samples.
 
 * padded: dynamic padding to the longest sample in the batch (or a fixed length, FastChat-style,
   for benchmarks), `attention_mask` 1/0, `position_ids` 0..n-1.
-* packed: each row concatenates several samples; `position_ids` restart per sample. With
-  flash-attn 2 that is how transformers isolates samples (varlen) — but only for a batch of one row
-  (`_is_packed_sequence`), so a micro-batch of several packed rows is flattened into a single row of
-  all its samples, with no padding. With sdpa/eager restarting positions do not isolate samples
-  (docs/design.md §4), so we pass a 4D additive block-diagonal causal mask (0 = attend, dtype min = not).
+* packed, `varlen=True` (training): a micro-batch's samples become one row (1, ΣL), `position_ids`
+  restarting per sample and `cu_seq_lens_q/k` (cumulative lengths) marking them, so attention runs per
+  sample (train/attention.py: flash-attn varlen, FlexAttention or SDPA per sample) and nothing on the host
+  is quadratic in the row length. `multiple` pads the row to a multiple of the sequence-parallel degree;
+  the padding is a sample of its own with no labels.
+* packed, dense mask (benchmarks, plain sdpa/eager): restarting positions alone do not isolate samples
+  there (docs/design.md §4), so a 4D additive block-diagonal causal mask (0 = attend, dtype min = not)
+  goes with each row — (rows, 1, L, L) entries.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ def shift_labels(labels: Sequence[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE_INDEX]
 
 
-def collate_padded(samples: Sequence[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+def collate_padded(samples: Sequence[dict], pad_id: int, pad_to: int | None = None,
+                   multiple: int = 1) -> dict[str, torch.Tensor]:
+    """`multiple`: round the padded length up to it (the sequence-parallel degree)."""
     length = pad_to or max(len(s["input_ids"]) for s in samples)
+    length = -(-length // multiple) * multiple
     n = len(samples)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
@@ -46,13 +52,15 @@ def collate_padded(samples: Sequence[dict], pad_id: int, pad_to: int | None = No
 
 
 def collate_packed(rows: Sequence[Sequence[dict]], pad_id: int, mask_dtype: torch.dtype = torch.float32,
-                   varlen: bool = False) -> dict[str, torch.Tensor]:
-    """Rows of samples → one packed batch. `varlen=True` (flash-attn 2): one row (1, ΣL) holding every
-    sample of the micro-batch, boundaries given by restarting `position_ids`, no 4D mask."""
+                   varlen: bool = False, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Rows of samples → one packed batch. `varlen=True`: one row (1, ΣL) holding every sample of the
+    micro-batch with `cu_seq_lens_*`, no 4D mask; its length is rounded up to `multiple`."""
     if varlen and len(rows) > 1:
         rows = [[s for row in rows for s in row]]
     lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
     length = max(lengths)
+    if varlen:
+        length = -(-length // multiple) * multiple
     n = len(rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
@@ -71,7 +79,16 @@ def collate_packed(rows: Sequence[Sequence[dict]], pad_id: int, mask_dtype: torc
             position_ids[i, pos:] = torch.arange(length - pos)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
              "num_tokens": torch.tensor(sum(lengths))}
-    if not varlen:
+    if varlen:
+        bounds = [0]
+        for s in rows[0]:
+            bounds.append(bounds[-1] + len(s["input_ids"]))
+        if bounds[-1] < length:
+            bounds.append(length)  # the padding tail attends only to itself
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         allowed = same & causal & (segment[:, :, None] >= 0)

@@ -65,7 +65,6 @@ REJECTED = {
     "load_best_model_at_end": "not supported: --save_total_limit keeps the newest checkpoints; pick one by its "
                               "eval_loss in metrics.jsonl",
     "metric_for_best_model": "not supported (no --load_best_model_at_end); eval_loss is in metrics.jsonl",
-    "torch_compile": "not supported by chattune's training loop",
     "label_smoothing_factor": "not supported: the loss is plain token cross-entropy",
     "fsdp_min_num_params": "FSDP2 shards per decoder layer (--fsdp_transformer_layer_cls_to_wrap), not by size",
 }
@@ -162,6 +161,20 @@ class TrainConfig:
                                        "embeddings in training (never in eval); L = the batch's padded or packed "
                                        "length, d = hidden size (HF Trainer's formula; the paper uses 5-15). 0: off",
                                        default=0.0)
+    # --- long rows ---
+    sequence_parallel_size: int = _help("split each row along the sequence over N ranks (Ulysses attention: each rank "
+                                        "holds L/N positions' activations); data parallelism runs over the W/N groups. "
+                                        "N must divide the process count and the attention heads", default=1)
+    tiled_mlp: bool = _help("compute each MLP over sequence tiles of hidden-size tokens, recomputed in backward, so "
+                            "its intermediate activation does not grow with the row", default=False)
+    activation_offloading: bool = _help("keep saved activations in pinned host memory (CUDA; a no-op on CPU, which "
+                                        "says so)", default=False)
+    rope_scaling: dict[str, Any] = _help("extend the context with RoPE scaling, a JSON object such as "
+                                         "'{\"rope_type\": \"yarn\", \"factor\": 4}' (types: linear, dynamic, yarn, "
+                                         "longrope, llama3); recorded in the saved config and chattune.json so serving "
+                                         "uses it", default_factory=dict)
+    torch_compile: bool = _help("compile each decoder layer with torch.compile (attention stays outside the graph)",
+                                default=False)
     # --- LoRA / QLoRA ---
     lora: bool = _help("train LoRA adapters instead of all weights (train_lora.py sets this)", default=False)
     lora_r: int = _help("LoRA rank", default=8)
@@ -296,6 +309,10 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         need(not (self.fp16 and self.bf16 != "false"), "fp16", "and --bf16 are alternatives; pass one")
 
+        # --- long rows ---
+        need(self.sequence_parallel_size >= 1, "sequence_parallel_size", f"must be >= 1, got {self.sequence_parallel_size}")
+        self.rope_scaling = _rope_scaling_value(self.rope_scaling)
+
         # --- LoRA / QLoRA ---
         if self.q_lora:
             self.lora = True  # QLoRA is LoRA on a quantized base
@@ -424,18 +441,39 @@ def _check_model_source(flag: str, value: str) -> None:
         raise ConfigError(f"--{flag} {value!r} is neither an existing path nor a hub id (owner/name)")
 
 
-def _scheduler_kwargs_value(value) -> dict:
-    """--lr_scheduler_kwargs: a JSON object string (CLI) or a mapping (YAML/JSON config file)."""
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def _json_object(flag: str, value, example: str) -> dict:
+    """A flag whose value is a JSON object: a string on the command line, a mapping in a config file."""
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--lr_scheduler_kwargs {value!r} is not JSON ({e.msg}); pass an object such as "
-                              "'{\"num_cycles\": 1}'") from None
+            raise ConfigError(f"--{flag} {value!r} is not JSON ({e.msg}); pass an object such as '{example}'") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"--lr_scheduler_kwargs must be a JSON object of argument names to values, got "
+        raise ConfigError(f"--{flag} must be a JSON object such as '{example}', got "
                           f"{json.dumps(value) if isinstance(value, list | int | float) else repr(value)}")
     return value
+
+
+def _rope_scaling_value(value) -> dict:
+    """--rope_scaling: {} is off; otherwise a rope type transformers knows and its factor."""
+    value = _json_object("rope_scaling", value, '{"rope_type": "yarn", "factor": 4}')
+    if not value:
+        return {}
+    kind = value.get("rope_type", value.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"--rope_scaling needs \"rope_type\" in {', '.join(ROPE_TYPES)}, got {kind!r}")
+    factor = value.get("factor")
+    if kind != "longrope" and (not isinstance(factor, int | float) or isinstance(factor, bool) or factor < 1):
+        raise ConfigError(f"--rope_scaling {kind} needs a numeric \"factor\" >= 1, got {factor!r}")
+    return {**{k: v for k, v in value.items() if k != "type"}, "rope_type": kind}
+
+
+def _scheduler_kwargs_value(value) -> dict:
+    """--lr_scheduler_kwargs: the schedule's own argument names to values."""
+    return _json_object("lr_scheduler_kwargs", value, '{"num_cycles": 1}')
 
 
 def startup_notes(cfg: TrainConfig, cuda: bool | None = None) -> list[str]:
@@ -475,7 +513,7 @@ def _convert(flag: str, hint, value):
     if hint is bool or (args and args[0] is bool and origin is not list):
         return value if isinstance(value, bool) else _parse_bool(flag, value)
     if origin is dict:
-        return _scheduler_kwargs_value(value)
+        return _rope_scaling_value(value) if flag == "rope_scaling" else _scheduler_kwargs_value(value)
     if origin is list:
         if isinstance(value, str):
             value = [v for part in value.split(",") for v in [part.strip()] if v] if "," in value else [value]

@@ -56,7 +56,7 @@ def install_signal_handlers() -> None:
 def token_loss_sum(model, batch: dict, device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
     """Sum of cross-entropy over supervised positions (labels are already shifted by the collator);
     `autocast`: bf16/fp16 compute dtype, or None for fp32 (train/precision.py)."""
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in METADATA_KEYS}
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in METADATA_KEYS}
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None), \
             loss_targets(batch["labels"]):
         logits = model(**inputs, use_cache=False).logits
@@ -86,7 +86,7 @@ def accumulate_gradients(model, batches: list[dict], backend: Backend, info: Dis
 
 @torch.no_grad()
 def evaluate(model, samples, collate: Callable, cfg: TrainConfig, info: DistInfo,
-             autocast: torch.dtype | None = None) -> dict:
+             autocast: torch.dtype | None = None, shard: tuple[int, int] | None = None) -> dict:
     """Streaming held-out loss over assistant tokens: per batch, sum and count; no logits are kept.
 
     Every rank runs the same number of forward calls: a sharded model's forward is collective (FSDP2
@@ -95,7 +95,8 @@ def evaluate(model, samples, collate: Callable, cfg: TrainConfig, info: DistInfo
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    indices = list(range(info.rank, len(samples), info.world_size))
+    rank, world = shard or (info.rank, info.world_size)  # sequence parallelism: the group's data-parallel place
+    indices = list(range(rank, len(samples), world))
     size = cfg.per_device_eval_batch_size
     n_batches = int(all_reduce_max(math.ceil(len(indices) / size), info.device))
     for b in range(n_batches):

@@ -10,12 +10,27 @@ import torch
 
 from train.config import TrainConfig
 from train.distributed import DistInfo, print0
+from train.attention import register as register_attention
+from train.long_rows import compile_layers, offload_activations, tile_mlps
 from train.loss import install as install_chunked_loss
-from train.modeling import disable_avx512bf16_repack, flash_attn_available, load_causal_lm, resolve_model_dir
+from train.modeling import (
+    apply_rope_scaling,
+    disable_avx512bf16_repack,
+    flash_attn_available,
+    load_causal_lm,
+    resolve_model_dir,
+)
 from train.precision import Precision, resolve_precision
 
 
 def attention_implementation(cfg: TrainConfig, announce: bool = True) -> str:
+    """Packed rows and sequence parallelism run chattune's own attention (train/attention.py: per sample,
+    with flash-attn varlen where installed); padded rows run flash-attn 2 or SDPA."""
+    if cfg.packing or cfg.sequence_parallel_size > 1:
+        if cfg.flash_attn and not flash_attn_available() and announce:
+            print0("[model] flash-attn is not available (needs the `gpu` extra and CUDA); packed rows use "
+                   "FlexAttention on CUDA, SDPA per sample on CPU")
+        return register_attention()
     if cfg.flash_attn:
         if flash_attn_available():
             return "flash_attention_2"
@@ -28,8 +43,9 @@ def model_config(cfg: TrainConfig):
     """The model's HF config (architecture, sizes) without loading any weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code,
-                                      cache_dir=cfg.cache_dir)
+    config = AutoConfig.from_pretrained(resolve_model_dir(cfg.model_name_or_path),
+                                        trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
+    return apply_rope_scaling(config, cfg.rope_scaling)
 
 
 def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", precision: Precision | None = None):
@@ -43,6 +59,8 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
     kwargs: dict = {"attn_implementation": attention_implementation(cfg, announce=not meta)}
     if cfg.cache_dir:
         kwargs["cache_dir"] = cfg.cache_dir
+    if cfg.rope_scaling and not meta:
+        kwargs["config"] = model_config(cfg)
     dtype = torch.float32
     if cfg.q_lora:
         from transformers import BitsAndBytesConfig
@@ -71,6 +89,15 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
     model.config.use_cache = False
     if not cfg.q_lora and placement == "device":
         model.to(info.device)
+    if cfg.tiled_mlp:
+        tile = int(model.config.hidden_size)
+        n = tile_mlps(model, tile)
+        if not meta:
+            print0(f"[model] --tiled_mlp: {n} MLPs run over tiles of {tile} positions")
+    if cfg.torch_compile:
+        n = compile_layers(model)
+        if not meta:
+            print0(f"[model] --torch_compile: {n} decoder layers compiled (attention stays eager)")
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,6 +131,11 @@ def build_model(cfg: TrainConfig, info: DistInfo, placement: str = "device", pre
     if cfg.neftune_noise_alpha > 0:
         install_neftune(model, cfg.neftune_noise_alpha)
     chunked = install_chunked_loss(model)  # the loss never holds tokens × vocab fp32 logits
+    if cfg.activation_offloading:
+        if info.device.type == "cuda":
+            offload_activations(model)
+        elif not meta:
+            print0("[model] --activation_offloading: activations already live in host memory on CPU; nothing to do")
     if not meta:
         n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
         n_all = sum(_numel(p) for p in model.parameters())

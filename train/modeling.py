@@ -80,3 +80,20 @@ def disable_avx512bf16_repack(model) -> int:
             module.support_avx512bf16_for_cpu = False
             n += 1
     return n
+
+
+def apply_rope_scaling(config, scaling: dict):
+    """Extend a config's context with RoPE scaling (--rope_scaling): merged into `rope_parameters` (transformers
+    5), the original context kept as `original_max_position_embeddings` and `max_position_embeddings` raised by
+    the factor, so a saved config (and serving, which reads it) uses the scaled positions."""
+    if not scaling:
+        return config
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    original = params.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+    params.update(scaling)
+    if scaling["rope_type"] != "linear" and original:
+        params["original_max_position_embeddings"] = original
+    config.rope_parameters = params
+    if original and scaling.get("factor"):
+        config.max_position_embeddings = int(original * scaling["factor"])
+    return config

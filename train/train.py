@@ -36,6 +36,7 @@ from train.loop import (  # noqa: E402
 from train.model_setup import build_model, model_config  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
 from train.precision import resolve_precision  # noqa: E402
+from train.sequence_parallel import check_heads, init_sequence_parallel, shard_batch  # noqa: E402
 from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state, units_consumed  # noqa: E402
 from train.tracking import Tracker  # noqa: E402
 
@@ -76,25 +77,28 @@ def run(cfg: TrainConfig) -> int:
 
         # the backend decides how weights arrive: sharded backends never materialize the full model on
         # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
-        backend = make_backend(info, cfg, precision, getattr(model_config(cfg), "hidden_size", None))
+        # sequence parallelism: groups of N ranks share rows, each holding L/N positions; data parallelism
+        # (sampler, eval shards, the global batch) runs over the W/N groups
+        sp = init_sequence_parallel(info, cfg.sequence_parallel_size)
+        config = model_config(cfg)
+        check_heads(config, sp.size)
+        backend = make_backend(info, cfg, precision, getattr(config, "hidden_size", None))
         model = backend.build_model(lambda placement: build_model(cfg, info, placement, precision))
         mode = "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full"
-        varlen = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
-        mask_dtype = precision.compute_dtype  # the 4D packing mask in the dtype attention computes in
-        if cfg.packing:
+        if cfg.packing:  # one row of the micro-batch's samples with cu_seq_lens: attention per sample (train/attention.py)
             def collate(units):
-                return collate_packed([[s for s in unit] for unit in units], pad_id, mask_dtype, varlen)
+                return shard_batch(collate_packed(units, pad_id, varlen=True, multiple=sp.size), sp)
         else:
             def collate(units):
-                return collate_padded([s for unit in units for s in unit], pad_id)
+                return shard_batch(collate_padded([s for unit in units for s in unit], pad_id, multiple=sp.size), sp)
 
-        plan = PlanConfig(cfg.per_device_train_batch_size, info.world_size, info.rank, cfg.seed, cfg.packing,
+        plan = PlanConfig(cfg.per_device_train_batch_size, sp.dp_size, sp.dp_rank, cfg.seed, cfg.packing,
                           cfg.model_max_length, cfg.group_by_length)
         lengths = lengths_of(train_ds)
         stream = MicroBatchStream(lengths, plan)  # plans read the lengths column only
         per_epoch = math.ceil(stream.micro_batches_per_epoch() / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
-        global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * info.world_size
+        global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * sp.dp_size
         # what a checkpoint must share with the run that resumes it (train/checkpoint.py RUN_FACTS)
         run_facts = {"mode": mode, "global_batch": global_batch, "packing": cfg.packing,
                      "rows": cfg.model_max_length if cfg.packing else None, "group_by_length": cfg.group_by_length,
@@ -110,27 +114,33 @@ def run(cfg: TrainConfig) -> int:
         if resume is not None:
             saved = checkpointer.load(resume, wrapped, optimizer, scheduler, run_facts)
             state = LoopState.from_dict(saved)
-            state.sampler = rescale_sampler_state(state.sampler, saved["world_size"], saved["per_device_train_batch_size"],
-                                                  info.world_size, cfg.per_device_train_batch_size)
+            state.sampler = rescale_sampler_state(state.sampler, saved.get("data_parallel_size", saved["world_size"]),
+                                                  saved["per_device_train_batch_size"], sp.dp_size,
+                                                  cfg.per_device_train_batch_size)
             state.last_checkpoint = str(resume)
             print0(f"[train] resumed from {resume} at step {state.step} (epoch {state.sampler.epoch}, "
                    f"{saved['units_consumed']} {'rows' if cfg.packing else 'samples'} of it consumed; written by "
                    f"{saved['world_size']} process(es), backend={saved['backend']})")
         elif str(cfg.resume_from_checkpoint).lower() == "auto":
             print0(f"[train] --resume_from_checkpoint auto: no complete checkpoint in {cfg.output_dir}; starting fresh")
+        if sp.enabled:
+            print0(f"[train] sequence parallel: {sp.dp_size} group(s) of {sp.size} ranks, each rank holding 1/{sp.size} "
+                   "of every row")
         print0(f"[train] {mode} fine-tune on {info.world_size} process(es), backend={backend.name}: {len(samples)} samples, "
                f"{per_epoch} steps/epoch, {total_steps} steps, global batch {global_batch}"
                f"{' packed rows' if cfg.packing else ''}")
         tracker = Tracker(cfg, info.is_main, total_steps, state.step, wandb_id=saved.get("wandb_id"))
 
         def save(st: LoopState) -> str:
-            units = units_consumed(st.sampler, info.world_size, cfg.per_device_train_batch_size)
+            units = units_consumed(st.sampler, sp.dp_size, cfg.per_device_train_batch_size)
             return checkpointer.save(st.step, wrapped, optimizer, scheduler, {
                 **st.as_dict(), "units_consumed": units, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+                "data_parallel_size": sp.dp_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "run": run_facts,
                 "wandb_id": tracker.wandb_id})
 
-        eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info, precision.autocast_dtype)) \
+        eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info, precision.autocast_dtype,
+                                    (sp.dp_rank, sp.dp_size))) \
             if eval_samples else None
         install_signal_handlers()
         try:
