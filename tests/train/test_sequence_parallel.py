@@ -5,6 +5,7 @@ not divide; and train.py under FSDP2 and ZeRO-3 with SP trains, evaluates and sa
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -181,6 +182,10 @@ def test_heads_that_do_not_divide_are_refused_in_one_line():
 
 
 # --- train.py end to end: FSDP2 and ZeRO-3 under SP, with eval and the final save ---------------------------
+LORA = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3}
+ROPE = '{"rope_type": "yarn", "factor": 2}'
+
+
 def _flags(**over):
     return {"max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "packing": True,
             "model_max_length": 128, "save_steps": 100, "eval_data_path": DEMO,
@@ -189,20 +194,25 @@ def _flags(**over):
 
 @pytest.fixture(scope="module")
 def single_process(tiny_llama, tmp_path_factory):
+    """One process. The LoRA run tiles its MLPs (which the SP run does not: equal losses show tiling is exact);
+    the full run extends RoPE (as the SP run does: the scaled positions are what both train)."""
     out = {}
-    for mode, extra in (("full", {}), ("lora", {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-                                                 "learning_rate": 3e-3})):
+    for mode, extra in (("full", {"rope_scaling": ROPE, "activation_offloading": True}),
+                        ("lora", {**LORA, "tiled_mlp": True})):
         d = tmp_path_factory.mktemp(f"sp-ref-{mode}")
-        run("train.py", common(tiny_llama, d, **_flags(**extra)))
+        proc = run("train.py", common(tiny_llama, d, **_flags(**extra)))
         out[mode] = d
+        if mode == "full":
+            assert "--activation_offloading: activations already live in host memory on CPU" in proc.stdout
+        else:
+            assert "--tiled_mlp: 2 MLPs run over tiles of 64 positions" in proc.stdout
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,mode", [("fsdp", "lora"), ("zero3", "full")])
 def test_train_py_with_sp2_matches_one_process(backend, mode, single_process, tiny_llama, tmp_path, zero3_all_partitioned):
-    extra = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3} \
-        if mode == "lora" else {}
+    extra = dict(LORA) if mode == "lora" else {"rope_scaling": ROPE}
     extra.update({"fsdp": "full_shard auto_wrap"} if backend == "fsdp" else {"deepspeed": zero3_all_partitioned})
     out = tmp_path / backend
     proc = run("train.py", common(tiny_llama, out, **_flags(sequence_parallel_size=2, gradient_checkpointing=True,
@@ -221,3 +231,6 @@ def test_train_py_with_sp2_matches_one_process(backend, mode, single_process, ti
     assert saved.keys() == expected.keys()
     for k in saved:
         torch.testing.assert_close(saved[k].float(), expected[k].float(), atol=2e-3, rtol=1e-2)
+    if mode == "full":  # --rope_scaling is in the saved config, so whatever loads the model uses it
+        rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+        assert rope["rope_type"] == "yarn" and rope["factor"] == 2
