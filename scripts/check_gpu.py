@@ -5,23 +5,32 @@
 
 Self-contained: a random Llama built from a config and random token ids (a GPU box may have neither our
 assets nor a network). Checks, each printed as PASS/FAIL (exit 1 if any fails):
-1. packing: per-sample loss sums of a packed micro-batch (several rows; with flash-attn 2 flattened into
-   one row with restarting position_ids, train/collate.py) equal each sample run alone;
+1. packing: per-sample loss sums of a packed micro-batch (several rows; with chattune's per-sample attention
+   or flash-attn 2 flattened into one row with cu_seq_lens, train/collate.py) equal each sample run alone;
 2. bf16 and fp16 (autocast + GradScaler) training: finite losses that fall on a repeated batch;
-3. throughput: fwd+bwd tokens/s on packed rows and MFU = 6·N·tokens/s / the measured matmul peak of the dtype.
+3. throughput: fwd+bwd tokens/s on packed rows and MFU = 6·N·tokens/s / the measured matmul peak of the dtype;
+4. sequence parallelism (`--sp 2`, default on a machine with ≥ 2 GPUs; on CPU over gloo): the loss and
+   gradients of one packed row split over 2 ranks (Ulysses, train/attention.py) equal one process's (fp32), and
+   fwd+bwd tokens/s of one `--seq × --batch`-token row at SP=2 against one device.
+Attention implementations: `chattune` (what `--packing` trains: flash-attn varlen in 16 bits where installed,
+FlexAttention otherwise on CUDA, SDPA per sample on CPU), then flash_attention_2 / sdpa as transformers runs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from train.collate import collate_packed
-from train.loop import METADATA_KEYS
+from train.attention import NAME as CHATTUNE_ATTENTION
+from train.attention import register
+from train.collate import collate_packed, model_inputs
+
+VARLEN = ("flash_attention_2", CHATTUNE_ATTENTION)  # implementations that take one flattened row with cu_seq_lens
 
 
 def make_model(args, attn: str):
@@ -31,7 +40,9 @@ def make_model(args, attn: str):
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=8192)
-    return LlamaForCausalLM(cfg).to(args.device), cfg  # fp32 master weights, autocast computes in 16 bits
+    model = LlamaForCausalLM(cfg).to(args.device)  # fp32 master weights, autocast computes in 16 bits
+    model.config._attn_implementation = attn
+    return model, cfg
 
 
 def samples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -46,7 +57,7 @@ def samples(n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def per_token_loss(model, batch: dict, device: str, dtype) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in METADATA_KEYS}
+    inputs = model_inputs(batch, device)
     with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=-100,
@@ -55,12 +66,11 @@ def per_token_loss(model, batch: dict, device: str, dtype) -> torch.Tensor:
 
 def check_packing(args, attn: str, dtype, name: str) -> bool:
     model, _ = make_model(args, attn)
-    model.config._attn_implementation = attn
     model.eval()
     data = samples(6, args.vocab)
     rows = [data[0:2], data[2:3], data[3:6]]  # a micro-batch of 3 packed rows
     mask_dtype = dtype or torch.float32
-    varlen = attn == "flash_attention_2"
+    varlen = attn in VARLEN
     with torch.no_grad():
         packed = collate_packed(rows, pad_id=0, mask_dtype=mask_dtype, varlen=varlen)
         losses = per_token_loss(model, packed, args.device, dtype)
@@ -88,11 +98,10 @@ def check_packing(args, attn: str, dtype, name: str) -> bool:
 
 def check_training(args, attn: str, dtype, name: str) -> bool:
     model, _ = make_model(args, attn)
-    model.config._attn_implementation = attn
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(args.device) if dtype == torch.float16 else None
-    batch = collate_packed([samples(4, args.vocab, seed=1)], 0, dtype or torch.float32, attn == "flash_attention_2")
+    batch = collate_packed([samples(4, args.vocab, seed=1)], 0, dtype or torch.float32, attn in VARLEN)
     history = []
     for _ in range(args.steps):
         loss = per_token_loss(model, batch, args.device, dtype).sum() / (batch["labels"] != -100).sum().to(args.device)
@@ -129,12 +138,11 @@ def _sync(device: str) -> None:
 
 def throughput(args, attn: str, dtype, name: str) -> None:
     model, _ = make_model(args, attn)
-    model.config._attn_implementation = attn
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     rows = [[{"input_ids": list(range(3, 3 + args.seq)), "labels": list(range(3, 3 + args.seq))}]
             for _ in range(args.batch)]
-    batch = collate_packed(rows, 0, dtype or torch.float32, attn == "flash_attention_2")
+    batch = collate_packed(rows, 0, dtype or torch.float32, attn in VARLEN)
     tokens = int(batch["num_tokens"])
     for k in range(args.steps + 2):
         if k == 2:
@@ -150,6 +158,88 @@ def throughput(args, attn: str, dtype, name: str) -> None:
           f"matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu:.1%}", flush=True)
 
 
+def _fwd_bwd_seconds(model, batch, device: str, steps: int) -> float:
+    from train.loop import token_loss_sum
+
+    for k in range(steps + 1):
+        if k == 1:
+            _sync(device)
+            t = time.perf_counter()
+        token_loss_sum(model, batch, torch.device(device), None).backward()
+        model.zero_grad(set_to_none=True)
+    _sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def _sp_worker(rank: int, args, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from train.distributed import DistInfo
+    from train.loop import token_loss_sum
+    from train.sequence_parallel import init_sequence_parallel, shard_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = f"cuda:{rank}" if args.device == "cuda" else "cpu"
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=args.sp)
+    try:
+        sp = init_sequence_parallel(DistInfo(rank, args.sp, rank, torch.device(device)), args.sp)
+        model, _ = make_model(argparse.Namespace(**{**vars(args), "device": device}), register())
+        model.train()
+        batch = shard_batch(collate_packed([samples(6, args.vocab, seed=2)], 0, varlen=True, multiple=args.sp), sp)
+        loss = token_loss_sum(model, batch, torch.device(device), None)
+        loss.backward()
+        total = loss.detach().double()
+        dist.all_reduce(total)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        for g in grads.values():
+            dist.all_reduce(g)
+        model.zero_grad(set_to_none=True)
+        long_row = [[{"input_ids": list(range(3, 3 + args.seq * args.batch)),
+                      "labels": list(range(3, 3 + args.seq * args.batch))}]]
+        seconds = _fwd_bwd_seconds(model, shard_batch(collate_packed(long_row, 0, varlen=True, multiple=args.sp), sp),
+                                   device, max(1, args.steps // 2))
+        results[rank] = {"loss": float(total), "grads": {n: g.cpu() for n, g in grads.items()}, "seconds": seconds}
+    finally:
+        dist.destroy_process_group()
+
+
+def check_sequence_parallel(args) -> bool:
+    """SP=args.sp over that many processes against one process: the same loss and gradients (fp32), and tokens/s."""
+    import torch.multiprocessing as mp
+
+    from train.attention import set_sequence_parallel_group
+    from train.loop import token_loss_sum
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(_sp_worker, args=(args, port, results), nprocs=args.sp, join=True)
+        got = results[0]
+    set_sequence_parallel_group(None)
+    model, _ = make_model(args, register())
+    model.train()
+    batch = collate_packed([samples(6, args.vocab, seed=2)], 0, varlen=True)
+    loss = token_loss_sum(model, batch, torch.device(args.device), None)
+    loss.backward()
+    rel_loss = abs(got["loss"] - float(loss.detach())) / abs(float(loss.detach()))
+    worst = max(float((got["grads"][n] - p.grad.cpu()).abs().max() / p.grad.abs().max().clamp(min=1e-12).cpu())
+                for n, p in model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    tokens = args.seq * args.batch
+    long_row = collate_packed([[{"input_ids": list(range(3, 3 + tokens)), "labels": list(range(3, 3 + tokens))}]], 0,
+                              varlen=True)
+    one = _fwd_bwd_seconds(model, long_row, args.device, max(1, args.steps // 2))
+    ok = rel_loss <= 1e-4 and worst <= 1e-3
+    print(f"{'PASS' if ok else 'FAIL'} sequence parallel (SP={args.sp}, fp32): loss relative difference {rel_loss:.1e} "
+          f"(≤ 1e-4), worst gradient difference {worst:.1e} of each tensor's largest (≤ 1e-3)", flush=True)
+    print(f"     sequence parallel throughput, one row of {tokens:,} tokens fwd+bwd: 1 device {tokens / one:,.0f} "
+          f"tokens/s; SP={args.sp} {tokens / got['seconds']:,.0f} tokens/s "
+          f"({tokens / got['seconds'] / args.sp:,.0f} per device)", flush=True)
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -161,6 +251,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048, help="tokens per packed row in the throughput run")
     ap.add_argument("--batch", type=int, default=4, help="packed rows per micro-batch in the throughput run")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sp", type=int, default=None, help="sequence-parallel check over N processes (default: 2 on a "
+                                                         "machine with >= 2 GPUs, else off; on CPU it runs over gloo)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; run on a GPU machine, or --device cpu --attn sdpa for a smoke test",
@@ -168,7 +260,11 @@ def main() -> int:
         return 2
     from train.modeling import flash_attn_available
 
-    attns = [args.attn] if args.attn else (["flash_attention_2", "sdpa"] if flash_attn_available() else ["sdpa"])
+    register()
+    attns = [args.attn] if args.attn else \
+        [CHATTUNE_ATTENTION, *(["flash_attention_2"] if flash_attn_available() else []), "sdpa"]
+    if args.sp is None:
+        args.sp = 2 if args.device == "cuda" and torch.cuda.device_count() >= 2 else 0
     if args.device == "cuda":
         print(f"device: {torch.cuda.get_device_name()} (bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}); "
               f"torch {torch.__version__}; flash-attn {'installed' if flash_attn_available() else 'not installed'}")
@@ -185,6 +281,10 @@ def main() -> int:
             ok &= check_packing(args, attn, dtype, name)
             ok &= check_training(args, attn, dtype, name)
             throughput(args, attn, dtype, name)
+    if args.sp and args.sp > 1:
+        ok &= check_sequence_parallel(args)
+    elif args.device == "cuda":
+        print(f"SKIP sequence parallel: needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 

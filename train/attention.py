@@ -109,7 +109,7 @@ def attend(q, k, v, bounds: list[int] | None, scale, dropout: float = 0.0, windo
     if q.is_cuda:
         from train.modeling import flash_attn_available
 
-        if flash_attn_available():
+        if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):  # flash-attn computes in 16 bits
             return _flash(q, k, v, bounds, scale, dropout, window, softcap)
         if bounds is not None and dropout == 0.0:
             return _flex(q, k, v, bounds, scale, window, softcap)

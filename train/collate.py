@@ -104,3 +104,8 @@ def num_supervised(batch: dict[str, torch.Tensor]) -> int:
 
 
 METADATA_KEYS = ("labels", "num_tokens")  # batch entries that are not model inputs
+
+
+def model_inputs(batch: dict, device: torch.device | str) -> dict:
+    """The batch's model keyword arguments on `device` (tensors moved; `max_length_*` ints as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in METADATA_KEYS}

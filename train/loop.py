@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from data.tokenize import IGNORE_INDEX
 from train.backends import Backend
-from train.collate import METADATA_KEYS, num_supervised
+from train.collate import model_inputs, num_supervised
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from train.loss import targets as loss_targets
@@ -56,7 +56,7 @@ def install_signal_handlers() -> None:
 def token_loss_sum(model, batch: dict, device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
     """Sum of cross-entropy over supervised positions (labels are already shifted by the collator);
     `autocast`: bf16/fp16 compute dtype, or None for fp32 (train/precision.py)."""
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in METADATA_KEYS}
+    inputs = model_inputs(batch, device)
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None), \
             loss_targets(batch["labels"]):
         logits = model(**inputs, use_cache=False).logits

@@ -11,11 +11,12 @@ SCRIPT = str(ROOT / "scripts" / "check_gpu.py")
 
 
 def test_checks_pass_on_cpu_and_print_figures():
-    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--attn", "sdpa", "--steps", "3", "--hidden", "128",
-                           "--layers", "2", "--seq", "128", "--batch", "2"], capture_output=True, text=True, env=ENV,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--attn", "chattune", "--steps", "3", "--hidden",
+                           "128", "--layers", "2", "--seq", "128", "--batch", "2", "--sp", "2"], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert "PASS packing (sdpa, fp32)" in proc.stdout and "PASS training (sdpa, fp32)" in proc.stdout
+    assert "PASS packing (chattune, fp32)" in proc.stdout and "PASS training (chattune, fp32)" in proc.stdout
+    assert "PASS sequence parallel (SP=2, fp32)" in proc.stdout and "SP=2" in proc.stdout.split("throughput")[-1]
     assert "tokens/s fwd+bwd" in proc.stdout and proc.stdout.rstrip().endswith("all checks passed")
 
 
