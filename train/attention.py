@@ -32,6 +32,10 @@ def set_sequence_parallel_group(group) -> None:
     _sp_group = group
 
 
+def sequence_parallel_size() -> int:
+    return dist.get_world_size(_sp_group) if _sp_group is not None else 1
+
+
 def register() -> str:
     """Register the implementation with transformers (idempotent); returns its name for `set_attn_implementation`."""
     from transformers import AttentionInterface
@@ -83,8 +87,7 @@ def chattune_attention(module, query, key, value, attention_mask, dropout: float
     group = _sp_group
     heads, kv_heads = query.shape[1], key.shape[1]
     if group is not None:
-        n = dist.get_world_size(group)
-        if kv_heads % n:  # replicate KV heads so that each rank's query heads find theirs
+        if kv_heads % sequence_parallel_size():  # replicate KV heads so that each rank's query heads find theirs
             key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
         query, key, value = (all_to_all(t, 1, 2, group) for t in (query, key, value))
     bounds = None if cu_seq_lens_q is None else [int(b) for b in cu_seq_lens_q.tolist()]

@@ -11,6 +11,7 @@ import torch
 from train.config import TrainConfig
 from train.distributed import DistInfo, print0
 from train.attention import register as register_attention
+from train.attention import sequence_parallel_size
 from train.long_rows import compile_layers, offload_activations, tile_mlps
 from train.loss import install as install_chunked_loss
 from train.modeling import (
@@ -188,7 +189,8 @@ def install_neftune(model, alpha: float):
     def add_noise(module, args, output):
         if not module.training or output.dim() < 2:
             return output
-        bound = alpha / math.sqrt(output.size(-2) * output.size(-1))
+        length = output.size(-2) * sequence_parallel_size()  # the whole row's length under sequence parallelism
+        bound = alpha / math.sqrt(length * output.size(-1))
         return output + torch.empty_like(output).uniform_(-bound, bound)
 
     return model.get_input_embeddings().register_forward_hook(add_noise)

@@ -97,7 +97,7 @@ def _spawned(rank: int, port: int, results, world: int) -> None:
         from train.distributed import DistInfo
 
         sp = init_sequence_parallel(DistInfo(rank, world, rank, torch.device("cpu")), 2)
-        got = {}
+        got = {"deepspeed": _matches_deepspeed_ulysses(sp.group)} if world == 2 else {}
         for name, kv, lora, gc, packed in CASES if world == 2 else CASES[1:2]:
             model = _model(kv, lora, gc)
             steps = [[_collate(_micro_batches(s, sp.dp_rank), packed, sp.size)] for s in range(STEPS)]
@@ -105,6 +105,29 @@ def _spawned(rank: int, port: int, results, world: int) -> None:
         results[rank] = got
     finally:
         dist.destroy_process_group()
+
+
+def _matches_deepspeed_ulysses(group) -> bool:
+    """Our exchange against DeepSpeed-Ulysses' own (`deepspeed.sequence.layer._SeqAllToAll`, its [batch, seq,
+    heads, dim] layout): the same forward for both directions, and the same gradient back."""
+    import deepspeed
+    from deepspeed.sequence.layer import _SeqAllToAll
+
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer over the process group already made
+
+    from train.attention import all_to_all
+
+    torch.manual_seed(dist.get_rank())
+    x = torch.randn(2, 8, 6, 4, requires_grad=True)  # (batch, heads, local seq, dim)
+    ours = all_to_all(x, 1, 2, group)  # → (batch, heads/2, seq, dim)
+    theirs = _SeqAllToAll.apply(group, x.transpose(1, 2), 2, 1, 0).transpose(1, 2)
+    back_ours = all_to_all(ours, 2, 1, group)
+    back_theirs = _SeqAllToAll.apply(group, theirs.transpose(1, 2), 1, 2, 0).transpose(1, 2)
+    weight = torch.randn_like(ours)
+    g_ours, = torch.autograd.grad((ours * weight).sum(), x)
+    g_theirs, = torch.autograd.grad((theirs * weight).sum(), x)
+    return (ours.shape == (2, 4, 12, 4) and torch.equal(ours, theirs) and torch.equal(back_ours, x)
+            and torch.equal(back_theirs, x) and torch.equal(g_ours, g_theirs))
 
 
 def _spawned2(rank, port, results):
@@ -135,6 +158,7 @@ def _assert_same(got, ref, what):
 @pytest.mark.slow
 def test_sp2_on_two_ranks_equals_one_process():
     results = run_gloo_ranks(_spawned2, nprocs=2)
+    assert results[0]["deepspeed"] and results[1]["deepspeed"]  # the exchange is DeepSpeed-Ulysses' exchange
     for name, *_ in CASES:
         ref = _reference(name, 1)
         for rank in (0, 1):
