@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8, help="samples per step for the padded modes (packing: 1 row)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="batching modes to run")
     ap.add_argument("--attention_scaling", action="store_true",
                     help="time one packed row as its samples get longer (per-sample attention vs the dense mask)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
@@ -289,8 +290,8 @@ def main() -> None:
     have_trl = importlib.util.find_spec("trl") is not None
     for model in args.models:
         sup: dict[str, float] = {}
-        for mode in MODES:
-            if mode == "trl" and not have_trl:
+        for mode in args.modes:
+            if mode.startswith("trl") and not have_trl:
                 print(f"{model:<9}{mode:<12} skipped: TRL is not installed (pip install -e '.[bench]')")
                 continue
             out = subprocess.run([sys.executable, __file__, "--one", model, mode, "--steps", str(args.steps),

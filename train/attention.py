@@ -182,6 +182,9 @@ def document_block_mask(bounds: list[int], window: int | None = None, device=Non
     return create_block_mask(mask_mod, None, None, length, length, device=device)
 
 
+_last_block_mask: list = [None, None]  # [(bounds, window, device), BlockMask]
+
+
 @functools.cache
 def _compiled_flex():  # pragma: no cover - CUDA only (CPU FlexAttention has no backward)
     from torch.nn.attention.flex_attention import flex_attention
@@ -193,7 +196,10 @@ def flex_document_attention(q, k, v, bounds, scale, window=None, softcap=None, c
     """FlexAttention over the document BlockMask; `compiled=False` runs the reference path (forward-only on CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = document_block_mask(bounds, window, q.device)
+    key = (tuple(bounds), window, str(q.device))
+    if _last_block_mask[0] != key:  # every layer of a forward (and its recompute) shares the row's mask
+        _last_block_mask[:] = [key, document_block_mask(bounds, window, q.device)]
+    block_mask = _last_block_mask[1]
     score_mod = None
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):

@@ -21,8 +21,10 @@ RTOL = 1e-4
 GLOBAL = {"gradient_accumulation_steps": 2, "lr_scheduler_type": "constant", "save_steps": 1000}
 
 
-def _hop_flags(backend: str, nproc: int, zero3: str) -> dict:
-    flags = {"per_device_train_batch_size": 2 // nproc, **GLOBAL}  # global batch 4 on every hop
+def _hop_flags(backend: str, nproc: int, zero3: str, sp: int = 1) -> dict:
+    flags = {"per_device_train_batch_size": 2 * sp // nproc, **GLOBAL}  # global batch 4 on every hop
+    if sp > 1:  # a group of `sp` ranks shares each row: data parallelism over nproc / sp groups
+        flags["sequence_parallel_size"] = sp
     if nproc == 2:
         flags["async_save"] = True  # written by a background thread on its own process group; the exit waits for it
     if backend == "fsdp":
@@ -32,13 +34,16 @@ def _hop_flags(backend: str, nproc: int, zero3: str) -> dict:
     return flags
 
 
-MODE_FLAGS = {"full": {}, "lora": {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3}}
-# (backend, processes) per hop. full: single→FSDP2 1→2, FSDP2 2→1, FSDP2→ZeRO-3 1→2, ZeRO-3 2→1, ZeRO-3→FSDP2 1→2;
-# lora: single→FSDP2 1→2, FSDP2 2→1 (single), single→ZeRO-3 1→2. Each chain ends on a sharded backend, so its
-# final export (gathered one tensor at a time) is compared too. Two-process hops save with --async_save.
+# the full chain also extends RoPE (--rope_scaling): every hop trains the scaled positions, and the export says so
+MODE_FLAGS = {"full": {"rope_scaling": '{"rope_type": "yarn", "factor": 2}'},
+              "lora": {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3}}
+# (backend, processes, sequence-parallel size) per hop. full: single→FSDP2 1→2, FSDP2 2→1, FSDP2→ZeRO-3 with SP=2
+# (one group of 2 ranks), ZeRO-3 SP=2 → 1, ZeRO-3→FSDP2 1→2; lora: single→FSDP2 with SP=2, FSDP2 SP=2 → single,
+# single→ZeRO-3 1→2. Each chain ends on a sharded backend, so its final export (gathered one tensor at a time) is
+# compared too. Two-process hops save with --async_save.
 CHAINS = {
-    "full": [("single", 1), ("fsdp", 2), ("fsdp", 1), ("zero3", 2), ("zero3", 1), ("fsdp", 2)],
-    "lora": [("single", 1), ("fsdp", 2), ("single", 1), ("zero3", 2)],
+    "full": [("single", 1, 1), ("fsdp", 2, 1), ("fsdp", 1, 1), ("zero3", 2, 2), ("zero3", 1, 1), ("fsdp", 2, 1)],
+    "lora": [("single", 1, 1), ("fsdp", 2, 2), ("single", 1, 1), ("zero3", 2, 1)],
 }
 
 
@@ -55,9 +60,9 @@ def test_a_chain_of_world_sizes_and_backends_equals_one_uninterrupted_run(mode, 
     run("train.py", common(tiny_llama, ref, max_steps=len(chain), save_dtype="fp32", save_strategy="no",
                            **_hop_flags("single", 1, ""), **MODE_FLAGS[mode]))
     out = tmp_path / "chain"
-    for step, (backend, nproc) in enumerate(chain, start=1):
+    for step, (backend, nproc, sp) in enumerate(chain, start=1):
         proc = run("train.py", common(tiny_llama, out, max_steps=step, save_dtype="fp32", resume_from_checkpoint="auto",
-                                      **_hop_flags(backend, nproc, zero3_all_partitioned), **MODE_FLAGS[mode]),
+                                      **_hop_flags(backend, nproc, zero3_all_partitioned, sp), **MODE_FLAGS[mode]),
                    nproc=nproc if backend != "single" else None)
         if step > 1:
             assert f"resumed from {out / f'checkpoint-{step - 1}'}" in proc.stdout, proc.stdout[-2000:]
@@ -71,6 +76,9 @@ def test_a_chain_of_world_sizes_and_backends_equals_one_uninterrupted_run(mode, 
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+    if mode == "full":
+        rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+        assert rope["rope_type"] == "yarn" and rope["factor"] == 2
 
 
 @pytest.mark.slow
