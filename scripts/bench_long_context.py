@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 BASELINE = 256
 
@@ -123,13 +121,17 @@ def measure(args, sp: int, length: int, port: int) -> dict:
 
 
 def longest_row(rows: list[dict], budget_mb: float, multiple: int = 256) -> int:
-    """Extrapolate peak(L) linearly through the two longest measured rows; the longest L (multiple of 256) under
-    the budget."""
-    (a, b) = sorted(rows, key=lambda r: r["length"])[-2:]
+    """The longest L (a multiple of 256) whose peak stays under the budget, by linear interpolation between the
+    measured rows that bracket the budget (or extrapolation through the two longest when every row fits)."""
+    rows = sorted(rows, key=lambda r: r["length"])
+    over = next((i for i, r in enumerate(rows) if r["peak_mb"] > budget_mb), len(rows))
+    if over == 0:
+        raise RuntimeError(f"even {rows[0]['length']} tokens peak above the budget ({rows[0]['peak_mb']:,.0f} MB)")
+    a, b = (rows[over - 1], rows[over]) if over < len(rows) else (rows[-2], rows[-1])
     slope = (b["peak_mb"] - a["peak_mb"]) / (b["length"] - a["length"])
     if slope <= 0:
         raise RuntimeError(f"peak memory did not grow from {a['length']} to {b['length']} tokens")
-    return int((b["length"] + (budget_mb - b["peak_mb"]) / slope) // multiple * multiple)
+    return int((a["length"] + (budget_mb - a["peak_mb"]) / slope) // multiple * multiple)
 
 
 def main() -> int:
@@ -146,6 +148,8 @@ def main() -> int:
     ap.add_argument("--budget_gb", type=float, default=None,
                     help="per-rank memory budget for the longest-row search (default: skip the search)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--from_json", help="take the sweep from this earlier --json output and run only the budget "
+                                        "search")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -162,7 +166,13 @@ def main() -> int:
           f"{os.cpu_count()} cores", flush=True)
     port = 29600 + os.getpid() % 1000
     results: dict[int, list[dict]] = {}
-    for sp in args.sp:
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        args.lengths = sorted(int(n) for n in earlier["lengths"])
+        for sp in args.sp:
+            results[sp] = [{**earlier["baseline"][f"sp{sp}"]}] + \
+                [dict(earlier["lengths"][str(n)][f"sp{sp}"]) for n in args.lengths]
+    for sp in args.sp if not args.from_json else []:
         results[sp] = []
         for length in [BASELINE, *args.lengths]:
             port += 1
@@ -172,7 +182,8 @@ def main() -> int:
                   f"({r['step_s'] / length * 1e3:.2f} ms/token), loss {r['loss']:.6f}", flush=True)
     print(f"\n{'L':>6} | " + " | ".join(f"SP={sp} peak MB | SP={sp} act. MB | SP={sp} ms/token" for sp in args.sp)
           + (" | act. ratio SP2/SP1 | loss |Δ|" if {1, 2} <= set(args.sp) else ""))
-    summary: dict = {"lengths": {}, "params": results[args.sp[0]][0]["params"], "cpu": cpu}
+    summary: dict = {"lengths": {}, "params": results[args.sp[0]][0]["params"], "cpu": cpu,
+                     "baseline": {f"sp{sp}": results[sp][0] for sp in args.sp}}
     for i, length in enumerate(args.lengths, start=1):
         cells, act = [], {}
         for sp in args.sp:
@@ -188,6 +199,8 @@ def main() -> int:
             entry.update(ratio=ratio, loss_diff=dloss)
         summary["lengths"][length] = entry
         print(line)
+    if args.json:  # the sweep, before the (long) budget search
+        Path(args.json).write_text(json.dumps(summary, indent=2))
     if args.budget_gb:
         budget = args.budget_gb * 1024
         summary["budget_gb"] = args.budget_gb
