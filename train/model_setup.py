@@ -8,10 +8,10 @@ import os
 
 import torch
 
-from train.config import TrainConfig
-from train.distributed import DistInfo, print0
 from train.attention import register as register_attention
 from train.attention import sequence_parallel_size
+from train.config import TrainConfig
+from train.distributed import DistInfo, print0
 from train.long_rows import compile_layers, offload_activations, tile_mlps
 from train.loss import install as install_chunked_loss
 from train.modeling import (

@@ -36,8 +36,8 @@ from train.loop import (  # noqa: E402
 from train.model_setup import build_model, model_config  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
 from train.precision import resolve_precision  # noqa: E402
-from train.sequence_parallel import check_heads, init_sequence_parallel, shard_batch  # noqa: E402
 from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state, units_consumed  # noqa: E402
+from train.sequence_parallel import check_heads, init_sequence_parallel, shard_batch  # noqa: E402
 from train.tracking import Tracker  # noqa: E402
 
 
