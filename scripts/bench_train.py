@@ -99,7 +99,14 @@ def run_trl(model_name: str, steps: int, max_length: int, packing: bool = True, 
                 seen["real"] += real
                 seen["processed"] += int(inputs["input_ids"].numel())
                 seen["sup"] += int((inputs["labels"] != -100).sum())
-                seen["flops"] += real * flops_per_token(model.config, n_params, inputs["input_ids"].shape[1])
+                if mask is not None:
+                    lengths = mask.sum(dim=1).tolist()
+                elif inputs.get("position_ids") is not None:  # padding-free rows: samples restart positions at 0
+                    starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [real]
+                    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+                else:
+                    lengths = [real]
+                seen["flops"] += real * flops_per_token(model.config, n_params, useful_context(lengths))
             return super().training_step(model, inputs, num_items_in_batch)
 
     with tempfile.TemporaryDirectory() as out:
@@ -159,9 +166,17 @@ def matmul_params(model) -> int:
     return n if head is not None and head.weight is embed.weight else n - embed.weight.numel()
 
 
-def flops_per_token(config, n_params: int, seq: int) -> float:
-    # 6N for the dense part (forward + backward) plus attention scores/values: 12 · layers · hidden · seq
+def flops_per_token(config, n_params: int, seq: float) -> float:
+    # 6N for the dense part (forward + backward) plus attention scores/values: 12 · layers · hidden · seq, where seq
+    # is the context a token attends to usefully: its sample's length, not a packed row's (useful_context)
     return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def useful_context(sample_lengths) -> float:
+    """The mean attention context per token over a batch's samples: Σ len² / Σ len (attention within samples is
+    the useful work; a packed row's cross-sample scores are not, whether or not a kernel computes them)."""
+    lengths = [int(n) for n in sample_lengths if int(n) > 0]
+    return sum(n * n for n in lengths) / max(sum(lengths), 1)
 
 
 def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int) -> dict:
@@ -217,7 +232,8 @@ def run_one(model_name: str, mode: str, steps: int, max_length: int, batch: int)
         seen["real"] += n_real
         seen["processed"] += b["input_ids"].numel()
         seen["sup"] += n_sup
-        seen["flops"] += n_real * flops_per_token(model.config, n_params, b["input_ids"].shape[1])
+        lengths = [len(samples[i]["input_ids"]) for u in plan[k] for i in u]
+        seen["flops"] += n_real * flops_per_token(model.config, n_params, useful_context(lengths))
     return summarize(model_name, mode, n_params, precision.name, seen)
 
 
