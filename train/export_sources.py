@@ -202,10 +202,14 @@ class Source:
     kind: str  # full | adapter | checkpoint
 
 
-def _config(directory: str):
+def _config(directory: str, record: dict | None = None):
+    """The model's config; a base model's with the run's --rope_scaling (chattune.json) applied, since an adapter
+    or a checkpoint was trained on the scaled positions."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(directory)
+    from train.modeling import apply_rope_scaling
+
+    return apply_rope_scaling(AutoConfig.from_pretrained(directory), (record or {}).get("flags", {}).get("rope_scaling"))
 
 
 def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
@@ -233,7 +237,8 @@ def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
         files = SafetensorsFiles(Path(base_dir))
         lora = SafetensorsFiles(path)
         deltas, replaced = _plan_lora(files.names(), lora.names(), adapter_cfg, str(path))
-        weights = _qlora_base(Weights(_config(base_dir), files, files.names(), lora, deltas, replaced), record, path)
+        weights = Weights(_config(base_dir, record), files, files.names(), lora, deltas, replaced)
+        weights = _qlora_base(weights, record, path)
         return Source(weights, str(path), record, base, "adapter")
     if not (path / "config.json").is_file():
         raise ExportError(f"--model-path {model_path}: not a model directory (no config.json), adapter or checkpoint")
@@ -269,7 +274,7 @@ def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
     files = CheckpointFiles(path / "dcp")
     peft_names = [n for n in files.names() if n.startswith("base_model.model.")]
     if not peft_names:
-        return Source(Weights(_config(base_dir), files, files.names()), base_dir, record, base, "checkpoint")
+        return Source(Weights(_config(base_dir, record), files, files.names()), base_dir, record, base, "checkpoint")
     # A LoRA run checkpoints only what it trains (train/portable_state.py): the base comes from the base model.
     adapter_cfg = _read_json(run / "adapter_config.json")
     if not adapter_cfg:
@@ -278,5 +283,5 @@ def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
                           f"final output, or a full fine-tune's checkpoint")
     base_files = SafetensorsFiles(Path(base_dir))
     deltas, replaced = _plan_lora(base_files.names(), peft_names, adapter_cfg, str(path))
-    weights = Weights(_config(base_dir), base_files, base_files.names(), files, deltas, replaced)
+    weights = Weights(_config(base_dir, record), base_files, base_files.names(), files, deltas, replaced)
     return Source(_qlora_base(weights, record, path), base_dir, record, base, "checkpoint")

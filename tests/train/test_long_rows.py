@@ -107,7 +107,7 @@ def test_rope_scaling_extends_the_config():
     assert not torch.allclose(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
 
 
-def test_serving_a_lora_adapter_applies_the_runs_rope_scaling(tiny_llama, tmp_path):
+def test_serving_and_exporting_a_lora_adapter_apply_the_runs_rope_scaling(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from serve.loading import load_for_chat
@@ -122,3 +122,7 @@ def test_serving_a_lora_adapter_applies_the_runs_rope_scaling(tiny_llama, tmp_pa
     params = loaded.model.config.rope_parameters
     assert params["rope_type"] == "yarn" and params["factor"] == 2.0
     assert loaded.context_length == 2 * 1024  # tiny_llama's 1024 positions, doubled
+    from train.export_sources import open_weights  # and an export (GGUF, merged HF) of the adapter writes it
+
+    exported = open_weights(str(tmp_path)).weights.config.rope_parameters
+    assert exported["rope_type"] == "yarn" and exported["factor"] == 2.0
