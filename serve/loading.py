@@ -16,7 +16,7 @@ from data.assets import resolve_source
 from data.templates import TEMPLATE_NAMES, TemplateError, recorded_template
 from data.tokenize import end_of_turn
 from data.tokenizer import load_tokenizer
-from train.modeling import apply_rope_scaling, load_causal_lm, resolve_model_dir
+from train.modeling import load_causal_lm, resolve_model_dir, run_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -104,13 +104,9 @@ def load_for_chat(model_path: str, base_model_path: str | None = None, conv_temp
             raise ServeLoadError(f"{model_path} is a LoRA adapter without a recorded base model; pass --base-model-path")
         from peft import PeftModel
 
-        rope_scaling = (record.get("flags") or {}).get("rope_scaling")
-        if rope_scaling:  # trained with --rope_scaling: the adapter's base runs with the scaled positions too
-            from transformers import AutoConfig
-
-            base_dir = resolve_model_dir(base)
-            kwargs["config"] = apply_rope_scaling(AutoConfig.from_pretrained(base_dir), rope_scaling)
-        model = load_causal_lm(resolve_model_dir(base), dtype=torch_dtype, **kwargs)
+        base_dir = resolve_model_dir(base)
+        kwargs["config"] = run_config(base_dir, record)  # trained with --rope_scaling: the base runs scaled too
+        model = load_causal_lm(base_dir, dtype=torch_dtype, **kwargs)
         model = PeftModel.from_pretrained(model, str(directory))
         kind = "adapter"
         if merge:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.modeling import resolve_model_dir, run_config
+
 
 class ExportError(ValueError):
     pass
@@ -202,20 +204,9 @@ class Source:
     kind: str  # full | adapter | checkpoint
 
 
-def _config(directory: str, record: dict | None = None):
-    """The model's config; a base model's with the run's --rope_scaling (chattune.json) applied, since an adapter
-    or a checkpoint was trained on the scaled positions."""
-    from transformers import AutoConfig
-
-    from train.modeling import apply_rope_scaling
-
-    return apply_rope_scaling(AutoConfig.from_pretrained(directory), (record or {}).get("flags", {}).get("rope_scaling"))
-
-
 def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
     """The model to export, read lazily, with where its tokenizer and run record are."""
     from data.assets import resolve_source
-    from train.modeling import resolve_model_dir
 
     source = resolve_source(model_path)
     path = Path(source)
@@ -223,7 +214,7 @@ def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
         raise ExportError(f"--model-path {model_path}: no such directory or file")
     if path.is_file() or source.endswith(".gguf"):
         directory = resolve_model_dir(source)
-        return Source(Weights(_config(directory), f := SafetensorsFiles(Path(directory)), f.names()), directory, {},
+        return Source(Weights(run_config(directory), f := SafetensorsFiles(Path(directory)), f.names()), directory, {},
                       None, "full")
     if (path / "dcp").is_dir() and (path / "trainer_state.json").is_file():
         return _open_checkpoint(path, base_model_path)
@@ -237,13 +228,13 @@ def open_weights(model_path: str, base_model_path: str | None = None) -> Source:
         files = SafetensorsFiles(Path(base_dir))
         lora = SafetensorsFiles(path)
         deltas, replaced = _plan_lora(files.names(), lora.names(), adapter_cfg, str(path))
-        weights = Weights(_config(base_dir, record), files, files.names(), lora, deltas, replaced)
+        weights = Weights(run_config(base_dir, record), files, files.names(), lora, deltas, replaced)
         weights = _qlora_base(weights, record, path)
         return Source(weights, str(path), record, base, "adapter")
     if not (path / "config.json").is_file():
         raise ExportError(f"--model-path {model_path}: not a model directory (no config.json), adapter or checkpoint")
     files = SafetensorsFiles(path)
-    return Source(Weights(_config(str(path)), files, files.names()), str(path), record, None, "full")
+    return Source(Weights(run_config(str(path)), files, files.names()), str(path), record, None, "full")
 
 
 def _qlora_base(weights: Weights, record: dict, path: Path) -> Weights:
@@ -262,7 +253,6 @@ def _compute_dtype(record: dict) -> torch.dtype:
 
 
 def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
-    from train.modeling import resolve_model_dir
 
     run = path.parent
     record = _read_json(run / "chattune.json")
@@ -274,7 +264,7 @@ def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
     files = CheckpointFiles(path / "dcp")
     peft_names = [n for n in files.names() if n.startswith("base_model.model.")]
     if not peft_names:
-        return Source(Weights(_config(base_dir, record), files, files.names()), base_dir, record, base, "checkpoint")
+        return Source(Weights(run_config(base_dir, record), files, files.names()), base_dir, record, base, "checkpoint")
     # A LoRA run checkpoints only what it trains (train/portable_state.py): the base comes from the base model.
     adapter_cfg = _read_json(run / "adapter_config.json")
     if not adapter_cfg:
@@ -283,5 +273,5 @@ def _open_checkpoint(path: Path, base_model_path: str | None) -> Source:
                           f"final output, or a full fine-tune's checkpoint")
     base_files = SafetensorsFiles(Path(base_dir))
     deltas, replaced = _plan_lora(base_files.names(), peft_names, adapter_cfg, str(path))
-    weights = Weights(_config(base_dir, record), base_files, base_files.names(), files, deltas, replaced)
+    weights = Weights(run_config(base_dir, record), base_files, base_files.names(), files, deltas, replaced)
     return Source(_qlora_base(weights, record, path), base_dir, record, base, "checkpoint")

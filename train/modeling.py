@@ -97,3 +97,11 @@ def apply_rope_scaling(config, scaling: dict):
     if original and scaling.get("factor"):
         config.max_position_embeddings = int(original * scaling["factor"])
     return config
+
+
+def run_config(model_dir: str | os.PathLike, record: dict | None = None):
+    """A base model's config as a run trained it: with the --rope_scaling its chattune.json records (an adapter or
+    a checkpoint was trained on the scaled positions; serving and export load the base this way)."""
+    from transformers import AutoConfig
+
+    return apply_rope_scaling(AutoConfig.from_pretrained(model_dir), ((record or {}).get("flags") or {}).get("rope_scaling"))
