@@ -136,6 +136,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _fwd_bwd_seconds(model, batch, device: str, steps: int, dtype=None, warmup: int = 1) -> float:
+    """Seconds per forward + backward of `batch`, after `warmup` untimed ones."""
+    for k in range(steps + warmup):
+        if k == warmup:
+            _sync(device)
+            t = time.perf_counter()
+        per_token_loss(model, batch, device, dtype).sum().backward()
+        model.zero_grad(set_to_none=True)
+    _sync(device)
+    return (time.perf_counter() - t) / steps
+
+
 def throughput(args, attn: str, dtype, name: str) -> None:
     model, _ = make_model(args, attn)
     model.train()
@@ -143,32 +155,13 @@ def throughput(args, attn: str, dtype, name: str) -> None:
     rows = [[{"input_ids": list(range(3, 3 + args.seq)), "labels": list(range(3, 3 + args.seq))}]
             for _ in range(args.batch)]
     batch = collate_packed(rows, 0, dtype or torch.float32, attn in VARLEN)
-    tokens = int(batch["num_tokens"])
-    for k in range(args.steps + 2):
-        if k == 2:
-            _sync(args.device)
-            t = time.perf_counter()
-        per_token_loss(model, batch, args.device, dtype).sum().backward()
-        model.zero_grad(set_to_none=True)
-    _sync(args.device)
-    tok_s = tokens * args.steps / (time.perf_counter() - t)
+    tok_s = int(batch["num_tokens"]) / _fwd_bwd_seconds(model, batch, args.device, args.steps, dtype, warmup=2)
     peak = matmul_peak(args.device, dtype or torch.float32, n=4096 if args.device == "cuda" else 1024)
     mfu = 6 * n_params * tok_s / peak
     print(f"     throughput ({attn}, {name}): {n_params / 1e6:.0f}M parameters, {tok_s:,.0f} tokens/s fwd+bwd, "
           f"matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu:.1%}", flush=True)
 
 
-def _fwd_bwd_seconds(model, batch, device: str, steps: int) -> float:
-    from train.loop import token_loss_sum
-
-    for k in range(steps + 1):
-        if k == 1:
-            _sync(device)
-            t = time.perf_counter()
-        token_loss_sum(model, batch, torch.device(device), None).backward()
-        model.zero_grad(set_to_none=True)
-    _sync(device)
-    return (time.perf_counter() - t) / steps
 
 
 def _sp_worker(rank: int, args, port: int, results) -> None:

@@ -115,7 +115,7 @@ def attend(q, k, v, bounds: list[int] | None, scale, dropout: float = 0.0, windo
         if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):  # flash-attn computes in 16 bits
             return _flash(q, k, v, bounds, scale, dropout, window, softcap)
         if bounds is not None and dropout == 0.0:
-            return _flex(q, k, v, bounds, scale, window, softcap)
+            return flex_document_attention(q, k, v, bounds, scale, window, softcap)
     k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
     parts = []
     for start, end in zip(bounds_rows[:-1], bounds_rows[1:]):
@@ -206,7 +206,3 @@ def flex_document_attention(q, k, v, bounds, scale, window=None, softcap=None, c
             return torch.tanh(score / softcap) * softcap
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-
-
-def _flex(q, k, v, bounds, scale, window, softcap):  # pragma: no cover - CUDA only
-    return flex_document_attention(q, k, v, bounds, scale, window, softcap)
