@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from train.attention import attend, document_block_mask, flex_document_attention, register, repeat_kv
-from train.collate import collate_packed, collate_padded
+from train.collate import collate_packed, collate_padded, model_inputs
 from train.loop import token_loss_sum
 
 LENGTHS = [5, 17, 40, 1, 9, 24]
@@ -97,6 +97,18 @@ def _samples(seed: int, lengths):
     return out
 
 
+@torch.no_grad()
+def _assert_each_sample_alone(packed, alone, batch, samples, atol: float) -> None:
+    """`packed`'s logits over the flattened row equal `alone`'s on each sample by itself."""
+    logits = packed(**model_inputs(batch, "cpu")).logits[0]
+    start = 0
+    for s in samples:
+        n = len(s["input_ids"])
+        torch.testing.assert_close(logits[start:start + n], alone(input_ids=torch.tensor([s["input_ids"]])).logits[0],
+                                   atol=atol, rtol=1e-4)
+        start += n
+
+
 def test_packed_row_through_the_model_equals_each_sample_alone(packed_model):
     """The training path: several packed rows → one row with cu_seq_lens (padded to a multiple of 4 for sequence
     parallelism); every sample's logits equal the sample run alone, and so does the loss."""
@@ -105,14 +117,8 @@ def test_packed_row_through_the_model_equals_each_sample_alone(packed_model):
     assert batch["input_ids"].shape == (1, 96) and "attention_mask" not in batch  # 96 = Σ 96, already divisible
     batch7 = collate_packed([samples[:3], samples[3:5]], pad_id=0, varlen=True, multiple=4)
     assert batch7["input_ids"].shape[1] == 72 and batch7["cu_seq_lens_q"].tolist() == [0, 5, 22, 62, 63, 72]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    _assert_each_sample_alone(packed_model, packed_model, batch, samples, atol=1e-5)
     with torch.no_grad():
-        logits = packed_model(**inputs).logits[0]
-        start = 0
-        for s in samples:
-            alone = packed_model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
-            torch.testing.assert_close(logits[start:start + len(s["input_ids"])], alone, atol=1e-5, rtol=1e-4)
-            start += len(s["input_ids"])
         packed_loss = token_loss_sum(packed_model, batch, torch.device("cpu"), None)
         alone_loss = sum(token_loss_sum(packed_model, collate_padded([s], 0), torch.device("cpu"), None) for s in samples)
     torch.testing.assert_close(packed_loss, alone_loss, atol=1e-4, rtol=1e-5)
@@ -132,14 +138,7 @@ def test_gemma2_softcap_and_window_within_packed_samples(tokenizers, tmp_path):
     ours = AutoModelForCausalLM.from_pretrained(path, config=cfg, attn_implementation=register()).eval()
     samples = _samples(1, [12, 20, 7])
     batch = collate_packed([samples], pad_id=0, varlen=True)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
-    with torch.no_grad():
-        logits = ours(**inputs).logits[0]
-        start = 0
-        for s in samples:
-            alone = eager(input_ids=torch.tensor([s["input_ids"]])).logits[0]
-            torch.testing.assert_close(logits[start:start + len(s["input_ids"])], alone, atol=1e-4, rtol=1e-4)
-            start += len(s["input_ids"])
+    _assert_each_sample_alone(ours, eager, batch, samples, atol=1e-4)
 
 
 def test_a_128k_packed_row_holds_nothing_quadratic():
