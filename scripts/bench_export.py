@@ -18,14 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.bench_memory import hwm_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(model: str, outtype: str, output: str) -> int:
@@ -37,12 +32,12 @@ def child(model: str, outtype: str, output: str) -> int:
     from train import export_gguf, export_sources  # noqa: F401
 
     Path("/proc/self/clear_refs").write_text("5")
-    baseline = _hwm_mb()
+    baseline = hwm_mb()
     t0 = time.perf_counter()
     argv = ["--model-path", model, "--output", output, "--no-check"]
     argv += ["--format", "hf", "--dtype", "bf16"] if outtype == "hf" else ["--outtype", outtype]
     rc = export.main(argv)
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": _hwm_mb(), "seconds": time.perf_counter() - t0}))
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": hwm_mb(), "seconds": time.perf_counter() - t0}))
     return rc
 
 

@@ -26,16 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.bench_memory import hwm_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BASELINE = 256
-
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(args) -> int:
@@ -89,7 +84,7 @@ def worker(args) -> int:
             dist.all_reduce(p.grad)
     optimizer.step()
     elapsed = time.perf_counter() - t
-    record = {"rank": rank, "peak_mb": _hwm_mb(), "step_s": elapsed, "loss": float(total / n_sup),
+    record = {"rank": rank, "peak_mb": hwm_mb(), "step_s": elapsed, "loss": float(total / n_sup),
               "params": sum(p.numel() for p in model.parameters())}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     if world > 1:

@@ -33,7 +33,8 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _hwm_mb() -> float:
+def hwm_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MB; the benchmarks' per-process peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -62,7 +63,7 @@ def worker(argv: list[str]) -> int:
 
     recipe.train_loop, recipe.export_model = measured_loop, measured_export
     rc = recipe.main(argv)
-    record["export_peak_mb"] = _hwm_mb()
+    record["export_peak_mb"] = hwm_mb()
     record["final_mb"] = max(record.get("before_export_mb", 0.0), record["export_peak_mb"])  # the whole run's peak
     Path(os.environ["BENCH_MEMORY_OUT"], f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
     return rc
