@@ -18,10 +18,14 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The modules that hold both an `mlp` and a `self_attn`: a transformers decoder layer."""
+    return [m for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module) and hasattr(m, "self_attn")]
+
+
 def mlp_modules(model) -> list[torch.nn.Module]:
-    """Each decoder layer's MLP (the `mlp` child of a module that also has `self_attn`)."""
-    return [m.mlp for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)
-            and hasattr(m, "self_attn")]
+    """Each decoder layer's MLP."""
+    return [layer.mlp for layer in decoder_layers(model)]
 
 
 def tile_mlps(model, tile: int) -> int:
@@ -55,8 +59,7 @@ def offload_activations(model, pin_memory: bool = True) -> None:
 
 def compile_layers(model) -> int:
     """`torch.compile` each decoder layer in place (before sharding wraps them, as torchtitan does)."""
-    layers = [m for m in model.modules() if hasattr(m, "self_attn") and isinstance(getattr(m, "mlp", None),
-                                                                                  torch.nn.Module)]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)
