@@ -16,52 +16,77 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from train.host_memory import hwm_mb  # noqa: E402  (the benchmarks' per-process peak; imported by the others)
+
 DEMO = ROOT / "data" / "demo" / "chattune_demo.jsonl"
-BACKENDS = {"fsdp": ["--fsdp", "full_shard auto_wrap"], "zero3": ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")],
+BACKENDS = {"single": [], "fsdp": ["--fsdp", "full_shard auto_wrap"], "zero3": ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")],
             "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]}
 MODES = {"full": [], "lora": ["--lora", "True", "--lora_dropout", "0"], "qlora": ["--q_lora", "True", "--lora_dropout", "0"]}
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def hwm_mb() -> float:
-    """This process's peak resident memory (VmHWM) in MB; the benchmarks' per-process peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def worker(argv: list[str]) -> int:
-    """Runs inside torchrun: train.main with the peak RSS recorded after the loop, and the peak of the final
-    export alone (the kernel's high-water mark is reset when the export starts, after the optimizer state is
-    released; this resets getrusage's peak too)."""
+    """Runs inside torchrun: train.main with the peak RSS recorded per phase — the load (until the training loop),
+    each step's forward, backward and optimizer step — and the peak of the final export alone. A phase's peak is
+    the kernel's high-water mark (VmHWM) at its end, which is then reset to the current RSS (this resets
+    getrusage's peak too), so the next phase starts from what is really held."""
+    import train.loop as loop_module
     import train.train as recipe
 
-    record: dict = {}
-    loop, export = recipe.train_loop, recipe.export_model
+    record: dict = {"phases": []}
+
+    def mark(name: str) -> None:
+        record["phases"].append([name, hwm_mb()])
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+    loop, export, make_backend = recipe.train_loop, recipe.export_model, recipe.make_backend
+    forward, accumulate = loop_module.token_loss_sum, loop_module.accumulate_gradients
+
+    def measured_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        mark("forward")
+        return out
+
+    def measured_accumulate(*args, **kwargs):
+        out = accumulate(*args, **kwargs)
+        mark("backward")
+        return out
+
+    def measured_backend(*args, **kwargs):
+        backend = make_backend(*args, **kwargs)
+        step = backend.optimizer_step
+
+        def measured_step(*a, **k):
+            out = step(*a, **k)
+            mark("optimizer")
+            return out
+
+        backend.optimizer_step = measured_step
+        return backend
 
     def measured_loop(**kwargs):
-        record["before_loop_mb"] = _peak_mb()  # load + shard: the peak so far
+        mark("load")
+        record["before_loop_mb"] = record["phases"][-1][1]  # load + shard: the peak so far
         state = loop(**kwargs)
-        record["step_mb"] = _peak_mb()
+        mark("after loop")
+        record["step_mb"] = max(mb for _, mb in record["phases"])  # the whole run's peak up to here
         return state
 
     def measured_export(*args, **kwargs):
-        record["before_export_mb"] = _peak_mb()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: what follows is the export's peak
+        mark("before export")
+        record["before_export_mb"] = record["phases"][-1][1]
         return export(*args, **kwargs)
 
-    recipe.train_loop, recipe.export_model = measured_loop, measured_export
+    recipe.train_loop, recipe.export_model, recipe.make_backend = measured_loop, measured_export, measured_backend
+    loop_module.token_loss_sum, loop_module.accumulate_gradients = measured_forward, measured_accumulate
     rc = recipe.main(argv)
     record["export_peak_mb"] = hwm_mb()
     record["final_mb"] = max(record.get("before_export_mb", 0.0), record["export_peak_mb"])  # the whole run's peak
@@ -69,16 +94,19 @@ def worker(argv: list[str]) -> int:
     return rc
 
 
-def make_model(out: Path, params: float, tokenizer) -> tuple[str, int]:
-    """A random Llama (hidden 1024, MHA, SwiGLU 2816, tied embeddings) with as many layers as reach `params`."""
+def make_model(out: Path, params: float, tokenizer, hidden: int = 1024, inter: int = 2816, heads: int = 16,
+               kv_heads: int = 16) -> tuple[str, int]:
+    """A random Llama (by default hidden 1024, MHA, SwiGLU 2816; tied embeddings) with as many layers as reach
+    `params`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab, hidden, inter = len(tokenizer), 1024, 2816
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    vocab = len(tokenizer)
+    kv = hidden // heads * kv_heads
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((params - vocab * hidden) / per_layer))
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if not (out / "config.json").is_file():
         torch.manual_seed(0)

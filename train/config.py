@@ -161,6 +161,13 @@ class TrainConfig:
                                        "embeddings in training (never in eval); L = the batch's padded or packed "
                                        "length, d = hidden size (HF Trainer's formula; the paper uses 5-15). 0: off",
                                        default=0.0)
+    auto_fit: bool = _help("before loading, size the run to --memory_gb with the memory planner (train/plan.py): the "
+                           "largest micro-batch that fits, then more gradient accumulation to keep the global batch, "
+                           "then gradient checkpointing, then offload; prints each choice. The global batch and the "
+                           "math never change", default=False)
+    memory_gb: float | None = _help("memory budget per rank in GB for --auto_fit and the planner's check (default: the "
+                                    "device's: the GPU's memory, or on CPU the host's RAM shared by the node's ranks)",
+                                    default=None)
     # --- long rows ---
     sequence_parallel_size: int = _help("split each row along the sequence over N ranks (Ulysses attention: each rank "
                                         "holds L/N positions' activations); data parallelism runs over the W/N groups. "
@@ -309,6 +316,7 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         need(not (self.fp16 and self.bf16 != "false"), "fp16", "and --bf16 are alternatives; pass one")
 
+        need(self.memory_gb is None or self.memory_gb > 0, "memory_gb", f"must be > 0, got {self.memory_gb}")
         # --- long rows ---
         need(self.sequence_parallel_size >= 1, "sequence_parallel_size", f"must be >= 1, got {self.sequence_parallel_size}")
         self.rope_scaling = _rope_scaling_value(self.rope_scaling)

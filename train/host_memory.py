@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+from pathlib import Path
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
@@ -56,3 +57,15 @@ def page_out(storage) -> bool:
     if madvise is None:
         return False
     return madvise(start, end - start, MADV_PAGEOUT) == 0
+
+
+def hwm_mb() -> float:
+    """This process's peak resident memory (VmHWM, Linux) in MB; 0.0 where the kernel does not report it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -138,7 +138,8 @@ class LoopState:
 def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, optimizer, scheduler,
                stream: MicroBatchStream, samples, collate: Callable, total_steps: int, state: LoopState,
                tracker, save: Callable[[LoopState], str], eval_fn: Callable[[], dict] | None,
-               precision: Precision = FP32) -> LoopState:
+               precision: Precision = FP32, after_first_step: Callable[[], None] | None = None) -> LoopState:
+    """`after_first_step`: called once, after this process's first optimizer step (the memory check)."""
     model.train()
     # fp16: dynamic loss scaling. An overflow at the current scale is not a failure: the step is skipped,
     # the scale lowered, and it does not count against --max_nonfinite_skips.
@@ -180,6 +181,9 @@ def train_loop(*, cfg: TrainConfig, info: DistInfo, backend: Backend, model, opt
         scheduler.step()
         backend.zero_grad(optimizer)
         state.step += 1
+        if after_first_step is not None:
+            after_first_step()
+            after_first_step = None
         state.sampler = stream.state
         step_tokens = all_reduce_sum(sum(int(b["num_tokens"]) for b in batches), info.device)
         state.tokens_seen += int(step_tokens)

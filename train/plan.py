@@ -1,0 +1,555 @@
+"""Memory planner: what each rank of a training run will hold, term by term, before anything is loaded.
+
+    python -m train.plan <training flags> --world_size N [--device cpu|cuda] [--memory_gb G] [--json]
+
+It takes the training flags themselves (the same parser as train/train.py; --data_path and --output_dir may be
+left out), reads only the model's config, and builds the model on the meta device (LoRA included): parameter
+counts per decoder layer and outside the layers come from the module tree, and the activations one decoder
+layer keeps for backward from autograd itself (train/activations.py). Each term is placed on the device or
+the host, for the rank that loads the checkpoint ("loading", rank 0) and the others ("other"), and at the
+phase of a step where it is held: the whole run, loading, the end of forward, the end of backward, the
+optimizer step. A place's peak is what is held the whole run plus the largest phase.
+
+`--json` prints one object; `peak_mb` maps "loading" and "other" (null with one process) to
+{"host": MB, "device": MB} (on CPU runs everything is host). The error against measured runs is in
+docs/memory.md (`python scripts/bench_plan.py`). The constants below are measured or taken from the
+libraries' source; each says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+MB = 2**20
+PHASES = ("load", "forward", "backward", "optimizer")  # "always" terms are held in every phase
+
+# Framework overhead: the resident memory of a training process besides the model's terms (Python, torch,
+# transformers, peft, the tokenizer, the data, the backend's own state): a 2-layer hidden-64 model's measured
+# peak minus its planned terms (`python scripts/bench_plan.py --overhead`, CPU, torch 2.13, transformers 5.24,
+# deepspeed 0.19.8, 2026-12-03: single 560, FSDP2 565 / 562, ZeRO-3 590 / 586 MB). DDP is not measured: FSDP2's.
+HOST_OVERHEAD_MB = {"single": 560.0, "ddp": 565.0, "fsdp": 565.0, "deepspeed": 590.0}
+# CUDA: the context and cuBLAS/cuDNN workspaces live outside torch's allocator (torch.cuda.memory_allocated
+# does not see them; nvidia-smi does): about 0.5 GB on an H100 with CUDA 12 (PyTorch's CUDA semantics notes),
+# and the caching allocator holds blocks it cannot reuse (fragmentation), budgeted at 5% of the rest.
+CUDA_CONTEXT_MB = 500.0
+CUDA_FRAGMENTATION = 0.05
+# DeepSpeed ZeRO-3 hooks every module (two autograd Function classes and closures each): about 18 KB per
+# module, measured (45 MB over the ~2,500 modules of a LoRA-wrapped 35-layer Llama; docs/distributed.md).
+DS_BYTES_PER_MODULE = 18 * 1024
+
+
+OUTSIDE_ALLOCATOR = ("CUDA context and workspaces", "allocator fragmentation")
+TOLERANCE = 0.15  # the error bound the planner is measured against (scripts/bench_plan.py)
+
+
+class PlanError(ValueError):
+    """The flags cannot be planned; the message names the flag."""
+
+
+@dataclass
+class Term:
+    name: str
+    mb: float
+    phase: str  # "always" or one of PHASES
+    why: str
+
+
+@dataclass
+class Facts:
+    """What the meta-device build says about the model."""
+    params: int
+    layers: int
+    layer_bytes: int  # all decoder layers' weights as stored for training (4-bit where QLoRA quantizes)
+    root_bytes: int  # weights outside the decoder layers (embeddings, final norm, LM head), as stored
+    trainable: int  # trainable parameters (fp32)
+    trainable_outside_layers: int
+    largest_bytes: int  # the largest single weight tensor as stored
+    largest_trainable: int  # elements of the largest trainable tensor
+    buffer_bytes: int
+    modules: int
+    hidden: int
+    vocab: int
+    per_layer_act: int  # bytes one decoder layer saves for backward (the largest layer)
+    mlp_act: int
+    mlp_input: int
+    outside_act: int
+    layer_input: int
+    compute_bytes: int  # bytes per element of the compute dtype
+    compute_layer_bytes: int  # one decoder layer's weights in the compute dtype (what a gather holds)
+    names: dict = field(default_factory=dict)
+
+
+def _plan_cfg(argv: list[str]):
+    from train.config import parse_args
+
+    defaults = {"data_path": ["planned.jsonl"], "output_dir": "planned-run"}
+    return parse_args(argv, defaults)
+
+
+def _precision(cfg, device: str):
+    from train.precision import Precision, resolve_precision
+
+    if device == "cpu":
+        return resolve_precision(cfg.bf16, cfg.fp16, torch.device("cpu"))
+    if cfg.fp16:
+        return Precision("fp16")
+    return Precision("bf16" if cfg.bf16 != "false" else "fp32")
+
+
+def model_facts(cfg, precision, length: int) -> Facts:
+    """Build the model on the meta device as training would (LoRA included) and count; activations are those of
+    one row of `length` positions (they grow linearly with the rows of a micro-batch)."""
+    from train.activations import trace_activations
+    from train.distributed import DistInfo
+    from train.long_rows import decoder_layers
+    from train.model_setup import build_model
+
+    meta_cfg = dataclasses.replace(cfg, q_lora=False, lora=cfg.is_peft, gradient_checkpointing=False,
+                                   tiled_mlp=False, torch_compile=False, activation_offloading=False, packing=False,
+                                   sequence_parallel_size=1, neftune_noise_alpha=0.0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = build_model(meta_cfg, info, "meta", precision)
+    layers = decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    quantized = {id(m.weight) for layer in layers for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad} if cfg.q_lora else set()
+    layer_bytes = root_bytes = trainable = trainable_outside = largest = largest_train = params = 0
+    for p in model.parameters():  # tied weights once
+        params += p.numel()
+        size = _quantized_bytes(p.numel(), cfg.bits) if id(p) in quantized else p.numel() * p.element_size()
+        largest = max(largest, size)
+        if id(p) in in_layers:
+            layer_bytes += size
+        else:
+            root_bytes += size
+        if p.requires_grad:
+            trainable += p.numel()
+            largest_train = max(largest_train, p.numel())
+            if id(p) not in in_layers:
+                trainable_outside += p.numel()
+    compute = precision.compute_dtype
+    one_layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    # activations in the compute dtype: under autocast / mixed precision the matmuls' outputs are 16-bit
+    model.to(compute)
+    acts = trace_activations(model, 1, length)
+    config = model.config
+    return Facts(params=params, layers=len(layers), layer_bytes=layer_bytes, root_bytes=root_bytes, trainable=trainable,
+                 trainable_outside_layers=trainable_outside, largest_bytes=largest, largest_trainable=largest_train,
+                 buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+                 modules=sum(1 for _ in model.modules()), hidden=config.hidden_size,
+                 vocab=config.vocab_size, per_layer_act=max(acts.per_layer), mlp_act=max(acts.mlp),
+                 mlp_input=acts.mlp_input, outside_act=acts.outside, layer_input=acts.layer_input,
+                 compute_bytes=torch.tensor([], dtype=compute).element_size(),
+                 compute_layer_bytes=one_layer * torch.tensor([], dtype=compute).element_size(),
+                 names={"model_type": config.model_type, "layer": type(layers[0]).__name__})
+
+
+def _quantized_bytes(numel: int, bits: int) -> float:
+    """bitsandbytes storage: NF4 = 4 bits + one 8-bit absmax per 64 values, double-quantized (fp32 scale per
+    256 blocks); int8 (LLM.int8) = 8 bits + one fp32 scale per row (~0)."""
+    if bits == 4:
+        return numel * (0.5 + 1 / 64 + 4 / (64 * 256))
+    return numel
+
+
+def _backend(cfg, world_size: int) -> tuple[str, int, bool]:
+    """(backend, ZeRO stage or 0, FSDP reshards after forward)."""
+    if cfg.deepspeed:
+        from train.sharding_config import load_ds_config, zero_stage
+
+        return "deepspeed", zero_stage(load_ds_config(cfg.deepspeed)), True
+    if cfg.fsdp:
+        from train.sharding_config import FSDPSettings
+
+        settings = FSDPSettings.from_flags(cfg.fsdp, cfg.fsdp_transformer_layer_cls_to_wrap, cfg.fsdp_config)
+        return "fsdp", 0, settings.reshard_after_forward
+    return ("ddp" if world_size > 1 else "single"), 0, True
+
+
+def _offload(cfg) -> bool:
+    if cfg.deepspeed:
+        from train.sharding_config import load_ds_config
+
+        zero = load_ds_config(cfg.deepspeed).get("zero_optimization", {})
+        return bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+    return "offload" in cfg.fsdp.split()
+
+
+def _optimizer_bytes_per_param(optim: str) -> tuple[float, str]:
+    if optim in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "paged_adamw_32bit"):
+        return 8.0, "AdamW: two fp32 moments"
+    if optim in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        return 2.0, "8-bit AdamW: two 8-bit moments (block scales ~0)"
+    if optim == "sgd":
+        return 0.0, "SGD without momentum: no state"
+    return 4.0, "Adafactor: factored second moment, ~1 fp32 value per parameter budgeted"
+
+
+def plan(cfg, world_size: int, device: str = "cpu", memory_gb: float | None = None, facts: Facts | None = None) -> dict:
+    """The per-rank plan of `cfg` on `world_size` processes; see the module docstring. `facts` (from
+    `model_facts` for the same model, precision and row length) skips the meta-device build."""
+    if world_size < 1:
+        raise PlanError(f"--world_size must be >= 1, got {world_size}")
+    if device not in ("cpu", "cuda"):
+        raise PlanError(f"--device must be cpu or cuda, got {device!r}")
+    sp = cfg.sequence_parallel_size
+    if world_size % sp:
+        raise PlanError(f"--sequence_parallel_size {sp} must divide --world_size {world_size}")
+    backend, stage, reshard = _backend(cfg, world_size)
+    if backend in ("fsdp", "deepspeed") and world_size == 1 and device == "cpu":
+        pass  # a one-process FSDP2 / ZeRO run is legal (and sharded over one rank)
+    precision = _precision(cfg, device)
+    batch, length = cfg.per_device_train_batch_size, cfg.model_max_length
+    rank_length = math.ceil(length / sp)
+    facts = facts or model_facts(cfg, precision, rank_length)
+    terms = {role: _terms(cfg, facts, backend, stage, reshard, world_size, device, precision, role, rank_length)
+             for role in (("loading", "other") if world_size > 1 else ("loading",))}
+    peaks: dict = {}
+    for role, places in terms.items():
+        peaks[role] = {place: _peak(ts)[0] for place, ts in places.items()}
+    for_json = {
+        "world_size": world_size, "device": device, "backend": backend if not stage else f"zero{stage}",
+        "mode": "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full", "precision": precision.name,
+        "micro_batch": batch, "model_max_length": length, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "sequence_parallel_size": sp, "offload": _offload(cfg),
+        "model": {"params": facts.params, "layers": facts.layers, "trainable": facts.trainable,
+                  "hidden": facts.hidden, "vocab": facts.vocab, **facts.names},
+        "terms": {role: {place: [dataclasses.asdict(t) for t in ts] for place, ts in places.items()}
+                  for role, places in terms.items()},
+        "peak_mb": {"loading": peaks["loading"], "other": peaks.get("other")},
+        "phase_mb": {role: {place: _phase_totals(ts) for place, ts in places.items()} for role, places in terms.items()},
+        "peak_phase": {role: {place: _peak(ts)[1] for place, ts in places.items()} for role, places in terms.items()},
+    }
+    # what torch's CUDA allocator itself will report (torch.cuda.max_memory_allocated): the device peak without
+    # the context and the cached-but-unused blocks
+    for_json["device_allocated_mb"] = {
+        role: _peak([t for t in places["device"] if t.name not in OUTSIDE_ALLOCATOR])[0] for role, places in terms.items()}
+    if memory_gb is not None:
+        for_json["memory_gb"] = memory_gb
+        place = "device" if device == "cuda" else "host"
+        worst = max(p[place] for p in peaks.values())
+        for_json["fits"] = worst <= memory_gb * 1024
+    return for_json
+
+
+def _phase_totals(terms: list[Term]) -> dict[str, float]:
+    always = sum(t.mb for t in terms if t.phase == "always")
+    return {p: always + sum(t.mb for t in terms if t.phase == p) for p in PHASES}
+
+
+def _peak(terms: list[Term]) -> tuple[float, str]:
+    always = sum(t.mb for t in terms if t.phase == "always")
+    phase = {p: sum(t.mb for t in terms if t.phase == p) for p in PHASES}
+    worst = max(PHASES, key=lambda p: phase[p])
+    return always + phase[worst], worst
+
+
+def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, device: str, precision, role: str,
+           length: int) -> dict[str, list[Term]]:
+    """Each term of one rank role, on the device and on the host."""
+    cuda = device == "cuda"
+    dev: list[Term] = []
+    host: list[Term] = []
+    on_dev = dev if cuda else host
+
+    def add(place: list[Term], name: str, nbytes: float, phase: str, why: str) -> None:
+        if nbytes > 0:
+            place.append(Term(name, nbytes / MB, phase, why))
+
+    lora = cfg.is_peft
+    sharded = backend == "fsdp" or (backend == "deepspeed" and stage == 3)
+    n = world if sharded else 1
+    offload = _offload(cfg)
+    params_place = host if (offload and sharded) else on_dev
+    state_place = host if offload else on_dev
+    train_b = 4 * f.trainable  # trainable weights, their gradients and master copies are fp32
+    full = not lora
+
+    # --- weights ---
+    if full:
+        if sharded:
+            add(params_place, f"weights, sharded 1/{n}", (f.layer_bytes + f.root_bytes) / n, "always",
+                "every weight (fp32 master) split over the ranks")
+        else:
+            add(on_dev, "weights, replicated", f.layer_bytes + f.root_bytes, "always", "fp32 master weights")
+    else:
+        layers_frozen = f.layer_bytes - 4 * (f.trainable - f.trainable_outside_layers)
+        if sharded:
+            add(params_place, f"frozen decoder layers, sharded 1/{n}", layers_frozen / n, "always",
+                "quantized 4-bit" if cfg.q_lora else "frozen base in the storage dtype")
+            add(on_dev, "frozen root (embeddings, norm, LM head), replicated", f.root_bytes - 4 * f.trainable_outside_layers,
+                "always", "kept whole on every rank: needed at both ends of every step (train/layers.py)")
+            add(params_place, f"adapters, sharded 1/{n}", train_b / n, "always", "fp32 LoRA weights")
+        else:
+            add(on_dev, "frozen base, replicated", layers_frozen + f.root_bytes - 4 * f.trainable_outside_layers,
+                "always", "4-bit NF4 + absmax" if cfg.q_lora else "frozen base in the storage dtype")
+            add(on_dev, "adapters", train_b, "always", "fp32 LoRA weights")
+    add(on_dev, "buffers", f.buffer_bytes, "always", "rotary inv_freq and the like")
+
+    # --- optimizer state, gradients, master copies ---
+    per_param, opt_why = _optimizer_bytes_per_param(cfg.optim)
+    if backend == "deepspeed":
+        add(state_place, f"fp32 master copy of trained weights, 1/{n if stage else 1}"
+            if stage else "fp32 master copy of trained weights", train_b / (world if stage >= 1 else 1), "always",
+            "DeepSpeed keeps its own fp32 copy of what it trains, even of fp32 weights")
+        add(state_place, f"optimizer state, 1/{world if stage >= 1 else 1}", per_param * f.trainable /
+            (world if stage >= 1 else 1), "always", opt_why)
+        add(state_place, f"gradient partition, 1/{world if stage >= 2 else 1}", train_b / (world if stage >= 2 else 1),
+            "always", "fp32, allocated once (contiguous_gradients)")
+        h2 = f.hidden * f.hidden
+        add(on_dev, "reduce bucket", 4 * h2, "backward", "reduce_bucket_size (auto: hidden²) fp32 elements")
+        if stage == 3:
+            live = 24 * h2 * f.compute_bytes if not lora else 2 * f.compute_layer_bytes
+            add(on_dev, "gathered parameters in flight", min(live, f.compute_layer_bytes * 2), "forward",
+                "stage3_max_live_parameters (auto: two decoder layers)")
+            add(on_dev, "gathered parameters in flight", min(live, f.compute_layer_bytes * 2), "backward",
+                "the layer being differentiated and the next one (prefetch)")
+            add(host if not cuda else dev, "module hooks", DS_BYTES_PER_MODULE * f.modules, "always",
+                "ZeRO-3's per-module hooks (measured)")
+            if full:
+                add(on_dev, "root gathered (embedding / LM head)", f.root_bytes * f.compute_bytes / 4, "forward",
+                    "the tied embedding is gathered whole for the head, again in backward")
+    else:
+        add(state_place, f"optimizer state{f', sharded 1/{n}' if sharded else ''}", per_param * f.trainable / n,
+            "always", opt_why)
+        if precision.autocast_dtype is not None and full and not sharded:
+            add(on_dev, "16-bit weight copies (autocast cache)", f.params * f.compute_bytes, "forward",
+                "autocast casts each weight once per forward; backward keeps the copies")
+        grads = train_b / n
+        add(state_place, f"gradients{f', sharded 1/{n}' if sharded else ''}", grads, "backward", "fp32, one per trained weight")
+        add(state_place, f"gradients{f', sharded 1/{n}' if sharded else ''}", grads, "optimizer", "held through the step")
+        if full:
+            add(on_dev, "LM-head gradient", 4 * f.vocab * f.hidden / n if sharded else 4 * f.vocab * f.hidden,
+                "forward", "allocated by the loss's backward, before the layers'")
+        if backend == "ddp":
+            add(on_dev, "DDP gradient buckets", train_b, "always", "DDP's reducer copies gradients into buckets")
+        if backend == "fsdp":
+            gather = f.compute_layer_bytes
+            if reshard:
+                add(on_dev, "gathered decoder layers", 2 * gather, "forward", "the current layer and the prefetched next")
+            else:
+                add(on_dev, "gathered decoder layers (shard_grad_op)", f.layers * gather, "forward",
+                    "kept gathered from forward to backward")
+            add(on_dev, "gathered decoder layers", 2 * gather, "backward", "the current layer and the prefetched next")
+            if full:
+                add(on_dev, "root gathered (embeddings / LM head)", f.root_bytes * f.compute_bytes / 4, "forward",
+                    "FSDP2 does not reshard the root after forward")
+                add(on_dev, "unsharded gradients of one layer", 4 * gather / f.compute_bytes, "backward",
+                    "reduce-scatter input")
+            if cfg.optim in ("adamw_torch", "adamw_hf"):
+                add(state_place, "optimizer step temporaries (foreach)", train_b / n, "optimizer",
+                    "foreach AdamW on FSDP2's DTensors: one fp32 temporary list over the shard")
+
+    # --- activations and the loss ---
+    act_b = _activation_bytes(cfg, f, length)
+    add(on_dev, "activations", act_b[0], "forward", act_b[1])
+    add(on_dev, "activations (recompute, one layer)" if cfg.gradient_checkpointing else "",
+        cfg.per_device_train_batch_size * f.per_layer_act if cfg.gradient_checkpointing else 0, "backward",
+        "the layer recomputed in backward")
+    tokens = cfg.per_device_train_batch_size * length
+    chunk = min(tokens, max(16, (256 * MB) // (4 * f.vocab)))  # train/loss.py CHUNK_BYTES
+    add(on_dev, "loss: one chunk's logits (fp32) in backward", 3 * chunk * f.vocab * 4, "forward",
+        f"{chunk} positions × vocab {f.vocab}: logits, log-softmax and its gradient (train/loss.py, chunked)")
+
+    # --- fixed costs ---
+    key = "deepspeed" if backend == "deepspeed" else backend
+    add(host, "framework (Python, torch, libraries, data)", HOST_OVERHEAD_MB[key] * MB, "always", "measured")
+    if cuda:
+        add(dev, "CUDA context and workspaces", CUDA_CONTEXT_MB * MB, "always", "outside torch's allocator")
+
+    # --- loading ---
+    if role == "loading":
+        if backend == "fsdp" and not cfg.q_lora:
+            add(host, "checkpoint tensors in flight", 2 * f.largest_bytes, "load",
+                "rank 0 reads the source and scatters it tensor by tensor, releasing each (train/fsdp.py)")
+        elif cuda:
+            add(host, "checkpoint read on the host", f.layer_bytes + f.root_bytes, "load",
+                "the weights pass through host memory on their way to the GPU")
+        else:
+            add(host, "checkpoint tensors in flight", 2 * f.largest_bytes, "load", "the safetensors file is mapped")
+    elif sharded:
+        add(on_dev, "one full tensor in flight", f.largest_bytes, "load", "received, then its shard kept")
+    if cuda:
+        used = sum(t.mb for t in dev if t.phase != "load" and "context" not in t.name)
+        add(dev, "allocator fragmentation", CUDA_FRAGMENTATION * used * MB, "always", "cached blocks not reused")
+    return {"host": host, "device": dev}
+
+
+def _activation_bytes(cfg, f: Facts, length: int) -> tuple[float, str]:
+    rows = cfg.per_device_train_batch_size
+    per_layer = rows * (f.per_layer_act - f.mlp_act + f.mlp_input if cfg.tiled_mlp else f.per_layer_act)
+    if cfg.gradient_checkpointing:
+        held = f.layers * rows * f.layer_input
+        why = f"checkpointing: each of {f.layers} layers keeps its input ({rows * f.layer_input / MB:.1f} MB)"
+    else:
+        held = f.layers * per_layer
+        why = f"{per_layer / MB:.1f} MB per layer × {f.layers} layers (autograd's saved tensors, {rows} × {length} positions)"
+    if cfg.activation_offloading and cfg.gradient_checkpointing:
+        held = 0
+        why = "offloaded to host memory"
+    return held + rows * f.outside_act, why
+
+
+def device_budget_gb(device: str) -> tuple[float, str]:
+    """The memory a rank may use by default: the GPU's, or on CPU the host's RAM shared by the node's ranks."""
+    import os
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return props.total_memory / 2**30, f"the memory of {props.name}"
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return total_kb / 2**20 / local, f"host RAM / {local} local rank(s)"
+
+
+def _offloaded(cfg):
+    """`cfg` with parameters / optimizer state in host memory, or None when its backend cannot offload."""
+    if cfg.fsdp and "offload" not in cfg.fsdp.split():
+        return dataclasses.replace(cfg, fsdp=f"{cfg.fsdp} offload")
+    if cfg.deepspeed and not _offload(cfg):
+        from pathlib import Path
+
+        from train.sharding_config import load_ds_config, zero_stage
+
+        stage = zero_stage(load_ds_config(cfg.deepspeed))
+        target = Path(__file__).resolve().parent.parent / "ds_configs" / f"zero{stage}_offload.json"
+        return dataclasses.replace(cfg, deepspeed=str(target)) if stage in (2, 3) and target.is_file() else None
+    return None
+
+
+def fit(cfg, world_size: int, device: str, memory_gb: float | None = None) -> tuple[object, list[str], dict]:
+    """--auto_fit: the configuration that fits `memory_gb` per rank (default: the device's), with the global batch
+    and the math unchanged. In order: the largest micro-batch that divides micro-batch × accumulation (the rest
+    becomes accumulation), then gradient checkpointing on, then offload. Returns (config, log lines, its plan);
+    raises PlanError when nothing fits."""
+    budget_gb, source = (memory_gb, "--memory_gb") if memory_gb else device_budget_gb(device)
+    place = "device" if device == "cuda" else "host"
+    precision = _precision(cfg, device)
+    facts = model_facts(cfg, precision, math.ceil(cfg.model_max_length / cfg.sequence_parallel_size))
+    rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    sizes = [b for b in range(rows, 0, -1) if rows % b == 0]
+
+    def peak(c) -> tuple[float, dict]:
+        p = plan(c, world_size, device, facts=facts)
+        return max(v[place] for v in p["peak_mb"].values() if v), p
+
+    asked, _ = peak(cfg)
+    lines = [f"[auto_fit] budget {budget_gb:.1f} GB per rank ({source}); as given (micro-batch "
+             f"{cfg.per_device_train_batch_size} × accumulation {cfg.gradient_accumulation_steps}"
+             f"{', checkpointing' if cfg.gradient_checkpointing else ''}) the plan peaks at {asked / 1024:.1f} GB"]
+    stages = [("", cfg)]
+    if not cfg.gradient_checkpointing:
+        stages.append(("gradient checkpointing on (the micro-batches above did not fit)",
+                       dataclasses.replace(cfg, gradient_checkpointing=True)))
+    offloaded = _offloaded(stages[-1][1])
+    if offloaded is not None:
+        stages.append(("offload to host memory (nothing fit on the device)", offloaded))
+    smallest = None
+    for why, base in stages:
+        for b in sizes:
+            candidate = dataclasses.replace(base, per_device_train_batch_size=b, gradient_accumulation_steps=rows // b)
+            mb, p = peak(candidate)
+            smallest = min(smallest or (mb, b, why), (mb, b, why))
+            if mb <= budget_gb * 1024:
+                candidate.passed_flags = getattr(cfg, "passed_flags", frozenset())
+                if why:
+                    lines.append(f"[auto_fit] {why}")
+                bigger = next((s for s in reversed(sizes) if s > b), None)
+                lines.append(f"[auto_fit] micro-batch {b} × accumulation {rows // b} (global batch unchanged): planned "
+                             f"peak {mb / 1024:.2f} GB ≤ {budget_gb:.1f} GB"
+                             + (f"; micro-batch {bigger} would not fit" if bigger else ""))
+                return candidate, lines, p
+    mb, b, why = smallest
+    raise PlanError(f"--auto_fit: nothing fits --memory_gb {budget_gb:.1f} per rank: the smallest plan (micro-batch {b}"
+                    f"{', ' + why.split(' (')[0] if why else ''}) peaks at {mb / 1024:.1f} GB; use more ranks, "
+                    "LoRA/QLoRA, a shorter --model_max_length, or sequence parallelism")
+
+
+def check_first_step(planned: dict, rank: int, device: str) -> tuple[str, bool]:
+    """(log line, off by more than TOLERANCE) comparing this rank's measured peak so far with its plan: VmHWM
+    on CPU (the host), torch.cuda.max_memory_allocated on CUDA (the device, without the context)."""
+    from train.host_memory import hwm_mb
+
+    role = "loading" if rank == 0 else "other"
+    if device == "cuda":
+        measured, what = torch.cuda.max_memory_allocated() / MB, "torch.cuda.max_memory_allocated"
+        planned_mb = planned["device_allocated_mb"][role]
+    else:
+        measured, what = hwm_mb(), "host VmHWM"
+        planned_mb = planned["peak_mb"][role]["host"]
+    error = measured / planned_mb - 1 if planned_mb else float("inf")
+    line = (f"[memory] rank {rank} after the first step: peak {measured:,.0f} MB measured ({what}), "
+            f"{planned_mb:,.0f} MB planned ({error:+.0%})")
+    return line, abs(error) > TOLERANCE
+
+
+def plan_from_args(argv: list[str], world_size: int = 1, device: str = "cpu", memory_gb: float | None = None) -> dict:
+    return plan(_plan_cfg(argv), world_size, device, memory_gb)
+
+
+def format_plan(p: dict) -> str:
+    m = p["model"]
+    lines = [f"{m['model_type']} {m['params'] / 1e9:.2f}B ({m['layers']} × {m['layer']}), {p['mode']}, "
+             f"{p['backend']} on {p['world_size']} × {p['device']}, {p['precision']}, micro-batch {p['micro_batch']} × "
+             f"{p['model_max_length']} tokens, gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}"
+             f"{', SP ' + str(p['sequence_parallel_size']) if p['sequence_parallel_size'] > 1 else ''}"]
+    for role, places in p["terms"].items():
+        title = "rank 0 (loads the checkpoint)" if role == "loading" else f"ranks 1-{p['world_size'] - 1}"
+        for place, terms in places.items():
+            if not terms:
+                continue
+            lines.append(f"\n{title}, {place}:")
+            for t in terms:
+                lines.append(f"  {t['mb']:>10,.0f} MB  {t['phase']:9}  {t['name']}  ({t['why']})")
+            lines.append(f"  {p['peak_mb'][role][place]:>10,.0f} MB  peak (at {p['peak_phase'][role][place]})")
+    if "fits" in p:
+        lines.append(f"\nbudget {p['memory_gb']:g} GB per rank: {'fits' if p['fits'] else 'does NOT fit'}")
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[list[str], dict]:
+    """Separate the planner's own flags (--world_size, --device, --json) from the training flags."""
+    own = {"world_size": 1, "device": "cpu", "json": False}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        name = argv[i][2:] if argv[i].startswith("--") else None
+        if name in ("world_size", "device"):
+            if i + 1 >= len(argv):
+                raise PlanError(f"--{name} needs a value")
+            own[name] = int(argv[i + 1]) if name == "world_size" else argv[i + 1]
+            i += 2
+            continue
+        if name == "json":
+            own["json"] = True
+            i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    return rest, own
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, own = split_args(argv)
+        cfg = _plan_cfg(rest)
+        result = plan(cfg, own["world_size"], own["device"], cfg.memory_gb)
+    except (ConfigError, PlanError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if own["json"] else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
