@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 MB = 2**20
-PHASES = ("load", "forward", "backward", "optimizer")  # "always" terms are held in every phase
+# Phases of a run: "load" (building and sharding the model, before the first step); "forward" (the end of
+# forward and the start of backward, when every activation is held); "backward" (its end, every gradient held);
+# "optimizer" (the step). Terms held in every phase are "always"; those held from the first step on, "train".
+PHASES = ("load", "forward", "backward", "optimizer")
 
 # Framework overhead: the resident memory of a training process besides the model's terms (Python, torch,
 # transformers, peft, the tokenizer, the data, the backend's own state): a 2-layer hidden-64 model's measured
@@ -82,6 +85,8 @@ class Facts:
     layer_input: int
     compute_bytes: int  # bytes per element of the compute dtype
     compute_layer_bytes: int  # one decoder layer's weights in the compute dtype (what a gather holds)
+    tied: bool  # the LM head is the input embedding
+    checkpoint_bytes: int  # the weights as the checkpoint stores them (the config's dtype)
     names: dict = field(default_factory=dict)
 
 
@@ -147,7 +152,20 @@ def model_facts(cfg, precision, length: int) -> Facts:
                  mlp_input=acts.mlp_input, outside_act=acts.outside, layer_input=acts.layer_input,
                  compute_bytes=torch.tensor([], dtype=compute).element_size(),
                  compute_layer_bytes=one_layer * torch.tensor([], dtype=compute).element_size(),
+                 tied=_tied(model), checkpoint_bytes=params * _checkpoint_element_size(config),
                  names={"model_type": config.model_type, "layer": type(layers[0]).__name__})
+
+
+def _checkpoint_element_size(config) -> int:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+
+
+def _tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 def _quantized_bytes(numel: int, bits: int) -> float:
@@ -239,15 +257,16 @@ def plan(cfg, world_size: int, device: str = "cpu", memory_gb: float | None = No
 
 
 def _phase_totals(terms: list[Term]) -> dict[str, float]:
+    """What a place holds in each phase."""
     always = sum(t.mb for t in terms if t.phase == "always")
-    return {p: always + sum(t.mb for t in terms if t.phase == p) for p in PHASES}
+    training = sum(t.mb for t in terms if t.phase == "train")
+    return {p: always + (training if p != "load" else 0.0) + sum(t.mb for t in terms if t.phase == p) for p in PHASES}
 
 
 def _peak(terms: list[Term]) -> tuple[float, str]:
-    always = sum(t.mb for t in terms if t.phase == "always")
-    phase = {p: sum(t.mb for t in terms if t.phase == p) for p in PHASES}
-    worst = max(PHASES, key=lambda p: phase[p])
-    return always + phase[worst], worst
+    totals = _phase_totals(terms)
+    worst = max(PHASES, key=lambda p: totals[p])
+    return totals[worst], worst
 
 
 def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, device: str, precision, role: str,
@@ -263,6 +282,7 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
             place.append(Term(name, nbytes / MB, phase, why))
 
     lora = cfg.is_peft
+    head_grad = 0  # the LM head's fp32 gradient, allocated by the loss's backward (full fine-tunes)
     sharded = backend == "fsdp" or (backend == "deepspeed" and stage == 3)
     n = world if sharded else 1
     offload = _offload(cfg)
@@ -299,7 +319,7 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
             if stage else "fp32 master copy of trained weights", train_b / (world if stage >= 1 else 1), "always",
             "DeepSpeed keeps its own fp32 copy of what it trains, even of fp32 weights")
         add(state_place, f"optimizer state, 1/{world if stage >= 1 else 1}", per_param * f.trainable /
-            (world if stage >= 1 else 1), "always", opt_why)
+            (world if stage >= 1 else 1), "train", opt_why + ", allocated at the first step")
         add(state_place, f"gradient partition, 1/{world if stage >= 2 else 1}", train_b / (world if stage >= 2 else 1),
             "always", "fp32, allocated once (contiguous_gradients)")
         h2 = f.hidden * f.hidden
@@ -315,18 +335,22 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
             if full:
                 add(on_dev, "root gathered (embedding / LM head)", f.root_bytes * f.compute_bytes / 4, "forward",
                     "the tied embedding is gathered whole for the head, again in backward")
+                head_grad = 4 * f.vocab * f.hidden
     else:
         add(state_place, f"optimizer state{f', sharded 1/{n}' if sharded else ''}", per_param * f.trainable / n,
-            "always", opt_why)
+            "train", opt_why + ", allocated at the first step")
         if precision.autocast_dtype is not None and full and not sharded:
             add(on_dev, "16-bit weight copies (autocast cache)", f.params * f.compute_bytes, "forward",
                 "autocast casts each weight once per forward; backward keeps the copies")
         grads = train_b / n
         add(state_place, f"gradients{f', sharded 1/{n}' if sharded else ''}", grads, "backward", "fp32, one per trained weight")
         add(state_place, f"gradients{f', sharded 1/{n}' if sharded else ''}", grads, "optimizer", "held through the step")
-        if full:
-            add(on_dev, "LM-head gradient", 4 * f.vocab * f.hidden / n if sharded else 4 * f.vocab * f.hidden,
-                "forward", "allocated by the loss's backward, before the layers'")
+        if full and not sharded:
+            head_grad = 4 * f.vocab * f.hidden
+        if full and f.tied and backend in ("single", "ddp", "fsdp"):
+            add(on_dev, "tied embedding's gradient, twice (transient)", 2 * 4 * f.vocab * f.hidden, "backward",
+                "at the end of backward the embedding's dense gradient and its out-of-place sum with the head's "
+                "(measured: a 192 MB embedding raised the peak 384 MB)")
         if backend == "ddp":
             add(on_dev, "DDP gradient buckets", train_b, "always", "DDP's reducer copies gradients into buckets")
         if backend == "fsdp":
@@ -336,12 +360,13 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
             else:
                 add(on_dev, "gathered decoder layers (shard_grad_op)", f.layers * gather, "forward",
                     "kept gathered from forward to backward")
-            add(on_dev, "gathered decoder layers", 2 * gather, "backward", "the current layer and the prefetched next")
             if full:
-                add(on_dev, "root gathered (embeddings / LM head)", f.root_bytes * f.compute_bytes / 4, "forward",
-                    "FSDP2 does not reshard the root after forward")
-                add(on_dev, "unsharded gradients of one layer", 4 * gather / f.compute_bytes, "backward",
-                    "reduce-scatter input")
+                for phase in ("forward", "backward"):
+                    add(on_dev, "root gathered (embeddings / LM head)", f.root_bytes * f.compute_bytes / 4, phase,
+                        "FSDP2 reshards the root only after backward")
+                add(on_dev, "root gradient, unsharded", f.root_bytes, "backward",
+                    "the root's fp32 gradient, reduce-scattered after backward")
+                head_grad = f.root_bytes
             if cfg.optim in ("adamw_torch", "adamw_hf"):
                 add(state_place, "optimizer step temporaries (foreach)", train_b / n, "optimizer",
                     "foreach AdamW on FSDP2's DTensors: one fp32 temporary list over the shard")
@@ -352,10 +377,7 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
     add(on_dev, "activations (recompute, one layer)" if cfg.gradient_checkpointing else "",
         cfg.per_device_train_batch_size * f.per_layer_act if cfg.gradient_checkpointing else 0, "backward",
         "the layer recomputed in backward")
-    tokens = cfg.per_device_train_batch_size * length
-    chunk = min(tokens, max(16, (256 * MB) // (4 * f.vocab)))  # train/loss.py CHUNK_BYTES
-    add(on_dev, "loss: one chunk's logits (fp32) in backward", 3 * chunk * f.vocab * 4, "forward",
-        f"{chunk} positions × vocab {f.vocab}: logits, log-softmax and its gradient (train/loss.py, chunked)")
+    add(on_dev, *_loss_term(cfg, f, length, head_grad))
 
     # --- fixed costs ---
     key = "deepspeed" if backend == "deepspeed" else backend
@@ -365,20 +387,39 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
 
     # --- loading ---
     if role == "loading":
-        if backend == "fsdp" and not cfg.q_lora:
-            add(host, "checkpoint tensors in flight", 2 * f.largest_bytes, "load",
+        if backend == "deepspeed" and stage == 3:
+            add(host, "checkpoint read whole", f.checkpoint_bytes, "load",
+                "under ZeRO-3 transformers reads the state dict on rank 0 and hands each weight to its partitions "
+                "(measured: rank 0's load peak exceeds rank 1's by about the checkpoint's size)")
+        elif backend == "fsdp" and not cfg.q_lora:
+            add(host, "checkpoint tensor in flight", f.largest_bytes, "load",
                 "rank 0 reads the source and scatters it tensor by tensor, releasing each (train/fsdp.py)")
         elif cuda:
             add(host, "checkpoint read on the host", f.layer_bytes + f.root_bytes, "load",
                 "the weights pass through host memory on their way to the GPU")
         else:
-            add(host, "checkpoint tensors in flight", 2 * f.largest_bytes, "load", "the safetensors file is mapped")
+            add(host, "checkpoint tensor in flight", f.largest_bytes, "load", "the safetensors file is mapped")
     elif sharded:
-        add(on_dev, "one full tensor in flight", f.largest_bytes, "load", "received, then its shard kept")
+        add(on_dev, "one shard in flight", f.largest_bytes / n, "load", "received, then copied into place")
     if cuda:
         used = sum(t.mb for t in dev if t.phase != "load" and "context" not in t.name)
         add(dev, "allocator fragmentation", CUDA_FRAGMENTATION * used * MB, "always", "cached blocks not reused")
     return {"host": host, "device": dev}
+
+
+def _loss_term(cfg, f: Facts, length: int, head_grad: float) -> tuple[str, float, str, str]:
+    """The chunked loss's backward (train/loss.py): each chunk recomputes its logits and holds the log-softmax, the
+    loss's gradient and the logits' gradient (3 chunks of fp32 logits); the LM head's gradient is allocated after
+    the first chunk's, so it adds to that peak only from the second chunk on."""
+    tokens = cfg.per_device_train_batch_size * length
+    chunk = min(tokens, max(16, (256 * MB) // (4 * f.vocab)))  # train/loss.py CHUNK_BYTES
+    logits = chunk * f.vocab * 4
+    why = f"{chunk} positions × vocab {f.vocab}: log-softmax, its gradient and the logits' gradient"
+    if not head_grad:
+        return "loss: one chunk's logits (fp32) in backward", 3 * logits, "forward", why
+    nbytes = max(3 * logits, logits + head_grad) if tokens <= chunk else 3 * logits + head_grad
+    return ("loss: one chunk's logits in backward, with the LM head's gradient", nbytes, "forward",
+            f"{why}; the head's fp32 gradient {head_grad / MB:,.0f} MB")
 
 
 def _activation_bytes(cfg, f: Facts, length: int) -> tuple[float, str]:
