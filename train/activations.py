@@ -28,6 +28,7 @@ class LayerActivations:
     mlp_input: int  # bytes of one MLP input (what a tiled MLP keeps instead of its intermediates)
     outside: int  # saved outside the decoder layers (embedding output, final norm)
     layer_input: int  # bytes of one decoder layer's input hidden states (what checkpointing keeps per layer)
+    hidden_16bit: list[int]  # of per_layer: 16-bit tensors of hidden size (fp32 where the residual stream is fp32)
 
 
 @contextmanager
@@ -63,7 +64,7 @@ def trace_activations(model, batch: int, length: int) -> LayerActivations:
         raise ValueError("no decoder layers found (modules with `self_attn` and `mlp`)")
     params = {id(p) for p in model.parameters()}
     where: list = [None, False]  # [layer index or None, inside its MLP]
-    per_layer, mlp = [0] * len(layers), [0] * len(layers)
+    per_layer, mlp, hidden_16bit = [0] * len(layers), [0] * len(layers), [0] * len(layers)
     counted: dict[int, torch.Tensor] = {}  # id(base) -> base, kept alive so ids stay unique
     outside = 0
     hidden = model.config.hidden_size
@@ -81,6 +82,8 @@ def trace_activations(model, batch: int, length: int) -> LayerActivations:
             outside += size
         else:
             per_layer[where[0]] += size
+            if base.element_size() == 2 and base.dim() and base.shape[-1] == hidden:
+                hidden_16bit[where[0]] += size
             if where[1]:
                 mlp[where[0]] += size
         return t
@@ -108,7 +111,7 @@ def trace_activations(model, batch: int, length: int) -> LayerActivations:
         for h in hooks:
             h.remove()
     layer_input = batch * length * hidden * torch.tensor([], dtype=dtype).element_size()
-    return LayerActivations(per_layer, mlp, mlp_input[0], outside, layer_input)
+    return LayerActivations(per_layer, mlp, mlp_input[0], outside, layer_input, hidden_16bit)
 
 
 def _decoder(model):

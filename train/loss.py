@@ -41,13 +41,9 @@ def _causal_lm(model):
 def install(model) -> bool:
     """Make `model`'s LM head compute the chunked loss while `targets(...)` is active. Call before wrapping
     (FSDP/DeepSpeed/DDP). Returns False (plain loss kept) where the model's head is not a plain linear layer."""
-    lm = _causal_lm(model)
-    config = getattr(lm, "config", None)
-    head = getattr(lm, "lm_head", None)
-    if (config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES
-            or getattr(config, "final_logit_softcapping", None) or not isinstance(head, torch.nn.Linear)
-            or hasattr(head, "base_layer")):
+    if not chunkable(model):
         return False
+    head = _causal_lm(model).lm_head
     plain_forward = head.forward
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -58,6 +54,16 @@ def install(model) -> bool:
 
     head.forward = forward
     return True
+
+
+def chunkable(model) -> bool:
+    """Whether `model`'s loss can be computed in chunks from its hidden states (its head is a plain linear layer)."""
+    lm = _causal_lm(model)
+    config = getattr(lm, "config", None)
+    head = getattr(lm, "lm_head", None)
+    return not (config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES
+                or getattr(config, "final_logit_softcapping", None) or not isinstance(head, torch.nn.Linear)
+                or hasattr(head, "base_layer"))
 
 
 @contextmanager

@@ -87,6 +87,8 @@ class Facts:
     compute_layer_bytes: int  # one decoder layer's weights in the compute dtype (what a gather holds)
     tied: bool  # the LM head is the input embedding
     checkpoint_bytes: int  # the weights as the checkpoint stores them (the config's dtype)
+    chunked_loss: bool  # train/loss.py computes the loss in chunks (else whole logits)
+    head_cast: int  # bytes of the LM head cast to 16 bits for each use (a frozen fp32 head under autocast: QLoRA)
     names: dict = field(default_factory=dict)
 
 
@@ -113,6 +115,7 @@ def model_facts(cfg, precision, length: int) -> Facts:
     from train.activations import trace_activations
     from train.distributed import DistInfo
     from train.long_rows import decoder_layers
+    from train.loss import chunkable
     from train.model_setup import build_model
 
     meta_cfg = dataclasses.replace(cfg, q_lora=False, lora=cfg.is_peft, gradient_checkpointing=False,
@@ -124,10 +127,14 @@ def model_facts(cfg, precision, length: int) -> Facts:
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     quantized = {id(m.weight) for layer in layers for m in layer.modules()
                  if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad} if cfg.q_lora else set()
+    # QLoRA: peft's prepare_model_for_kbit_training casts every weight bitsandbytes did not quantize (embeddings,
+    # norms, LM head) to fp32, and the residual stream that starts at the fp32 embedding stays fp32 under autocast
+    upcast = cfg.q_lora and precision.autocast_dtype is not None
     layer_bytes = root_bytes = trainable = trainable_outside = largest = largest_train = params = 0
     for p in model.parameters():  # tied weights once
         params += p.numel()
-        size = _quantized_bytes(p.numel(), cfg.bits) if id(p) in quantized else p.numel() * p.element_size()
+        size = _quantized_bytes(p.numel(), cfg.bits) if id(p) in quantized else p.numel() * (
+            4 if upcast else p.element_size())
         largest = max(largest, size)
         if id(p) in in_layers:
             layer_bytes += size
@@ -143,6 +150,10 @@ def model_facts(cfg, precision, length: int) -> Facts:
     # activations in the compute dtype: under autocast / mixed precision the matmuls' outputs are 16-bit
     model.to(compute)
     acts = trace_activations(model, 1, length)
+    if upcast and acts.hidden_16bit and max(acts.hidden_16bit):
+        # hidden-size tensors are fp32 (the residual stream), twice their 16-bit trace
+        per_layer = [a + h for a, h in zip(acts.per_layer, acts.hidden_16bit)]
+        acts = dataclasses.replace(acts, per_layer=per_layer, layer_input=2 * acts.layer_input)
     config = model.config
     return Facts(params=params, layers=len(layers), layer_bytes=layer_bytes, root_bytes=root_bytes, trainable=trainable,
                  trainable_outside_layers=trainable_outside, largest_bytes=largest, largest_trainable=largest_train,
@@ -153,6 +164,8 @@ def model_facts(cfg, precision, length: int) -> Facts:
                  compute_bytes=torch.tensor([], dtype=compute).element_size(),
                  compute_layer_bytes=one_layer * torch.tensor([], dtype=compute).element_size(),
                  tied=_tied(model), checkpoint_bytes=params * _checkpoint_element_size(config),
+                 chunked_loss=chunkable(model),
+                 head_cast=config.vocab_size * config.hidden_size * 2 if upcast else 0,
                  names={"model_type": config.model_type, "layer": type(layers[0]).__name__})
 
 
@@ -374,10 +387,14 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
     # --- activations and the loss ---
     act_b = _activation_bytes(cfg, f, length)
     add(on_dev, "activations", act_b[0], "forward", act_b[1])
-    add(on_dev, "activations (recompute, one layer)" if cfg.gradient_checkpointing else "",
-        cfg.per_device_train_batch_size * f.per_layer_act if cfg.gradient_checkpointing else 0, "backward",
-        "the layer recomputed in backward")
-    add(on_dev, *_loss_term(cfg, f, length, head_grad))
+    name, loss_b, why = _loss_term(cfg, f, length, head_grad)
+    if cfg.gradient_checkpointing:
+        # backward first runs the loss's chunks, then recomputes the last layer, with every layer input still held
+        recompute = cfg.per_device_train_batch_size * f.per_layer_act
+        if recompute > loss_b:
+            name, loss_b, why = ("one layer recomputed in backward (more than the loss's chunk)", recompute,
+                                 f"its saved tensors; the loss's backward needs {loss_b / MB:,.0f} MB before it")
+    add(on_dev, name, loss_b, "forward", why)
 
     # --- fixed costs ---
     key = "deepspeed" if backend == "deepspeed" else backend
@@ -386,6 +403,10 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
         add(dev, "CUDA context and workspaces", CUDA_CONTEXT_MB * MB, "always", "outside torch's allocator")
 
     # --- loading ---
+    if cfg.q_lora and sharded:
+        add(on_dev, "whole 4-bit model while loading", f.layer_bytes + f.root_bytes, "load",
+            "bitsandbytes quantizes while loading, so every rank holds the whole quantized model until it is sharded "
+            "(docs/distributed.md)")
     if role == "loading":
         if backend == "deepspeed" and stage == 3:
             add(host, "checkpoint read whole", f.checkpoint_bytes, "load",
@@ -395,30 +416,39 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
             add(host, "checkpoint tensor in flight", f.largest_bytes, "load",
                 "rank 0 reads the source and scatters it tensor by tensor, releasing each (train/fsdp.py)")
         elif cuda:
-            add(host, "checkpoint read on the host", f.layer_bytes + f.root_bytes, "load",
-                "the weights pass through host memory on their way to the GPU")
+            add(host, "checkpoint read on the host", f.checkpoint_bytes, "load",
+                "at most the checkpoint's size: its memory-mapped pages on their way to the GPU")
         else:
             add(host, "checkpoint tensor in flight", f.largest_bytes, "load", "the safetensors file is mapped")
     elif sharded:
         add(on_dev, "one shard in flight", f.largest_bytes / n, "load", "received, then copied into place")
     if cuda:
-        used = sum(t.mb for t in dev if t.phase != "load" and "context" not in t.name)
-        add(dev, "allocator fragmentation", CUDA_FRAGMENTATION * used * MB, "always", "cached blocks not reused")
+        allocated = _peak([t for t in dev if t.name not in OUTSIDE_ALLOCATOR])[0]
+        add(dev, "allocator fragmentation", CUDA_FRAGMENTATION * allocated * MB, "always",
+            f"cached blocks not reused: {CUDA_FRAGMENTATION:.0%} of the allocated peak, budgeted")
     return {"host": host, "device": dev}
 
 
-def _loss_term(cfg, f: Facts, length: int, head_grad: float) -> tuple[str, float, str, str]:
+def _loss_term(cfg, f: Facts, length: int, head_grad: float) -> tuple[str, float, str]:
     """The chunked loss's backward (train/loss.py): each chunk recomputes its logits and holds the log-softmax, the
     loss's gradient and the logits' gradient (3 chunks of fp32 logits); the LM head's gradient is allocated after
     the first chunk's, so it adds to that peak only from the second chunk on."""
+    from train.loss import CHUNK_BYTES
+
     tokens = cfg.per_device_train_batch_size * length
-    chunk = min(tokens, max(16, (256 * MB) // (4 * f.vocab)))  # train/loss.py CHUNK_BYTES
+    if not f.chunked_loss:  # logits in the compute dtype, their fp32 copy, the log-softmax and its gradient
+        return ("loss: whole logits (the head is not plain: no chunked loss)",
+                tokens * f.vocab * (f.compute_bytes + 12) + head_grad,
+                f"{tokens} positions × vocab {f.vocab}: 16/32-bit logits, fp32 copy, log-softmax, gradient")
+    chunk = min(tokens, max(16, CHUNK_BYTES // (4 * f.vocab)))
     logits = chunk * f.vocab * 4
     why = f"{chunk} positions × vocab {f.vocab}: log-softmax, its gradient and the logits' gradient"
+    if f.head_cast:
+        why += f"; the fp32 head cast to 16 bits ({f.head_cast / MB:,.0f} MB)"
     if not head_grad:
-        return "loss: one chunk's logits (fp32) in backward", 3 * logits, "forward", why
+        return "loss: one chunk's logits (fp32) in backward", 3 * logits + f.head_cast, why
     nbytes = max(3 * logits, logits + head_grad) if tokens <= chunk else 3 * logits + head_grad
-    return ("loss: one chunk's logits in backward, with the LM head's gradient", nbytes, "forward",
+    return ("loss: one chunk's logits in backward, with the LM head's gradient", nbytes,
             f"{why}; the head's fp32 gradient {head_grad / MB:,.0f} MB")
 
 
