@@ -39,18 +39,20 @@ MODELS = {"a": dict(params=0.2e9, hidden=1024, inter=2816, heads=16, kv_heads=16
 RANKS = {"single": 1, "fsdp": 2, "zero3": 2}
 
 
-def train_args(model: str, backend: str, mode: str, length: int, out: str = "/tmp/chattune-plan-out") -> list[str]:
+def train_args(model: str, backend: str, mode: str, length: int, out: str = "/tmp/chattune-plan-out",
+               extra: tuple[str, ...] = ()) -> list[str]:
     """The training flags of one configuration: the same list goes to train.plan and to train.py."""
     return ["--model_name_or_path", model, "--data_path", str(DEMO), "--output_dir", out, "--template", "chatml",
             "--model_max_length", str(length), "--packing", "True", "--mask", "all",
             "--per_device_train_batch_size", "1", "--max_steps", "2", "--save_strategy", "no",
-            "--learning_rate", "1e-5", *BACKENDS.get(backend, []), *MODES[mode]]
+            "--learning_rate", "1e-5", *BACKENDS.get(backend, []), *MODES[mode], *extra]
 
 
-def predict(model: str, backend: str, mode: str, length: int) -> dict:
+
+def predict(model: str, backend: str, mode: str, length: int, extra: tuple[str, ...] = ()) -> dict:
     from train.plan import plan_from_args
 
-    return plan_from_args(train_args(model, backend, mode, length), world_size=RANKS[backend], device="cpu")
+    return plan_from_args(train_args(model, backend, mode, length, extra=extra), world_size=RANKS[backend], device="cpu")
 
 
 def rules_mb(model_dir: str) -> dict:
@@ -83,6 +85,7 @@ def main() -> int:
                     help="measure the framework overhead per backend (a tiny model's peak minus its model terms), "
                          "the constant train/plan.py's HOST_OVERHEAD_MB holds")
     ap.add_argument("--cached_only", action="store_true", help="score only the configurations already measured")
+    ap.add_argument("--gradient_checkpointing", action="store_true", help="train (and plan) with checkpointing")
     ap.add_argument("--phases", action="store_true", help="also print each phase's measured and planned peak")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
@@ -126,21 +129,23 @@ def main() -> int:
         for backend in args.backends:
             for mode in args.modes:
                 for length in args.lengths:
-                    name = f"{key}/{backend}/{mode}/{length}"
+                    extra = ("--gradient_checkpointing", "True") if args.gradient_checkpointing else ()
+                    name = f"{key}/{backend}/{mode}/{length}{'/gc' if extra else ''}"
                     if name not in measured and args.cached_only:
                         continue
                     if name not in measured:
                         port += 1
                         with tempfile.TemporaryDirectory() as tmp:
                             ranks = run_case(models[key], backend, mode, RANKS[backend], port, Path(tmp),
-                                             train_args(models[key], backend, mode, length, str(Path(tmp) / "out"))[6:])
+                                             train_args(models[key], backend, mode, length, str(Path(tmp) / "out"),
+                                                        extra)[6:])
                         measured[name] = {str(r): v for r, v in ranks.items()}
                         measured_file.write_text(json.dumps(measured, indent=1))
                     if args.measure_only:
                         print(f"{name}: " + ", ".join(f"rank {r} {v['step_mb']:,.0f} MB" for r, v in measured[name].items()),
                               flush=True)
                         continue
-                    plan = predict(models[key], backend, mode, length)
+                    plan = predict(models[key], backend, mode, length, extra)
                     for rank, m in sorted(measured[name].items()):
                         role = "loading" if rank == "0" else "other"
                         pred = plan["peak_mb"][role]["host"]

@@ -9,7 +9,10 @@ assets nor a network). Checks, each printed as PASS/FAIL (exit 1 if any fails):
    or flash-attn 2 flattened into one row with cu_seq_lens, train/collate.py) equal each sample run alone;
 2. bf16 and fp16 (autocast + GradScaler) training: finite losses that fall on a repeated batch;
 3. throughput: fwd+bwd tokens/s on packed rows and MFU = 6·N·tokens/s / the measured matmul peak of the dtype;
-4. sequence parallelism (`--sp 2`, default on a machine with ≥ 2 GPUs; on CPU over gloo): the loss and
+4. memory plan: two training steps of a full fine-tune (chattune's own model setup, optimizer and loss) on a
+   `--seq`-token row, whose peak (torch.cuda.max_memory_allocated; on CPU the process's VmHWM) must be within
+   15% of what the memory planner (train/plan.py) predicted for the same flags;
+5. sequence parallelism (`--sp 2`, default on a machine with ≥ 2 GPUs; on CPU over gloo): the loss and
    gradients of one packed row split over 2 ranks (Ulysses, train/attention.py) equal one process's (fp32), and
    fwd+bwd tokens/s of one `--seq × --batch`-token row at SP=2 against one device.
 Attention implementations: `chattune` (what `--packing` trains: flash-attn varlen in 16 bits where installed,
@@ -233,6 +236,60 @@ def check_sequence_parallel(args) -> bool:
     return ok
 
 
+def check_plan(args) -> bool:
+    """The memory planner against this device: plan a full fine-tune of a random Llama saved with args' shape,
+    run two optimizer steps with the training code (build_model, make_optimizer, token_loss_sum), compare peaks."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    from train.collate import collate_padded
+    from train.distributed import DistInfo
+    from train.host_memory import hwm_mb
+    from train.loop import token_loss_sum
+    from train.model_setup import build_model
+    from train.optim import make_optimizer
+    from train.plan import TOLERANCE, _plan_cfg, plan
+    from train.precision import resolve_precision
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, config = make_model(args, "sdpa")
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        cfg = _plan_cfg(["--model_name_or_path", tmp, "--model_max_length", str(args.seq), "--bf16",
+                         "True" if args.device == "cuda" else "False", "--gradient_checkpointing", "True"])
+        planned = plan(cfg, 1, args.device)
+        device = torch.device(args.device)
+        precision = resolve_precision(cfg.bf16, cfg.fp16, device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS
+                f.write("5")
+        model = build_model(cfg, DistInfo(0, 1, 0, device), "device", precision)
+        optimizer = make_optimizer(cfg, model)
+        ids = torch.randint(3, args.vocab, (args.seq,)).tolist()
+        batch = collate_padded([{"input_ids": ids, "labels": ids}], pad_id=0)
+        for _ in range(2):
+            loss = token_loss_sum(model, batch, device, precision.autocast_dtype) / args.seq
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            measured, what = torch.cuda.max_memory_allocated() / 2**20, "max_memory_allocated"
+            predicted = planned["device_allocated_mb"]["loading"]
+        else:
+            measured, what = hwm_mb(), "VmHWM"
+            predicted = planned["peak_mb"]["loading"]["host"]
+        del model, optimizer
+    error = measured / predicted - 1
+    ok = abs(error) <= TOLERANCE
+    print(f"{'PASS' if ok else 'FAIL'} memory plan ({precision.name}, {args.seq} tokens, full fine-tune, checkpointing): "
+          f"{what} {measured:,.0f} MB, planned {predicted:,.0f} MB ({error:+.1%}; bound ±{TOLERANCE:.0%})")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -266,7 +323,7 @@ def main() -> int:
         dtypes.append(("bf16", torch.bfloat16))
     if args.device == "cuda":
         dtypes.append(("fp16", torch.float16))
-    ok = True
+    ok = check_plan(args)
     for attn in attns:
         for name, dtype in dtypes:
             if attn == "flash_attention_2" and dtype is None:

@@ -17,6 +17,7 @@ def test_checks_pass_on_cpu_and_print_figures():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "PASS packing (chattune, fp32)" in proc.stdout and "PASS training (chattune, fp32)" in proc.stdout
     assert "PASS sequence parallel (SP=2, fp32)" in proc.stdout and "SP=2" in proc.stdout.split("throughput")[-1]
+    assert "PASS memory plan (fp32, 128 tokens" in proc.stdout  # planned vs VmHWM within 15%
     assert "tokens/s fwd+bwd" in proc.stdout and proc.stdout.rstrip().endswith("all checks passed")
 
 
