@@ -86,6 +86,7 @@ def main() -> int:
                          "the constant train/plan.py's HOST_OVERHEAD_MB holds")
     ap.add_argument("--cached_only", action="store_true", help="score only the configurations already measured")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="train (and plan) with checkpointing")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown (the README's)")
     ap.add_argument("--phases", action="store_true", help="also print each phase's measured and planned peak")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
@@ -162,9 +163,24 @@ def main() -> int:
         worst = max(rows, key=lambda r: abs(r["error"]))
         print(f"worst error: {worst['error']:+.1%} ({worst['config']}, rank {worst['rank']}); "
               f"{sum(abs(r['error']) <= 0.15 for r in rows)}/{len(rows)} within ±15%")
+    if args.markdown and rows:
+        print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
     return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's table: one line per configuration and rank role."""
+    lines = ["| model | backend | mode | tokens | rank | measured | planned | error | 24-byte rule | accelerate |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        model, backend, mode, length = r["config"].split("/")[:4]
+        m = r["measured_mb"]
+        lines.append(f"| {model} | {backend} | {mode} | {length} | {r['rank']} ({r['role']}) | {m:,.0f} MB | "
+                     f"{r['predicted_mb']:,.0f} MB | {r['error']:+.1%} | {r['rule24_mb']:,.0f} MB "
+                     f"({r['rule24_mb'] / m - 1:+.0%}) | {r['accelerate_mb']:,.0f} MB ({r['accelerate_mb'] / m - 1:+.0%}) |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

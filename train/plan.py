@@ -233,8 +233,6 @@ def plan(cfg, world_size: int, device: str = "cpu", memory_gb: float | None = No
     if world_size % sp:
         raise PlanError(f"--sequence_parallel_size {sp} must divide --world_size {world_size}")
     backend, stage, reshard = _backend(cfg, world_size)
-    if backend in ("fsdp", "deepspeed") and world_size == 1 and device == "cpu":
-        pass  # a one-process FSDP2 / ZeRO run is legal (and sharded over one rank)
     precision = _precision(cfg, device)
     batch, length = cfg.per_device_train_batch_size, cfg.model_max_length
     rank_length = math.ceil(length / sp)
@@ -306,11 +304,14 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
 
     # --- weights ---
     if full:
+        weights = f.layer_bytes + f.root_bytes
+        why = "fp32 master weights"
+        if backend == "deepspeed" and precision.autocast_dtype is not None:
+            weights, why = f.params * f.compute_bytes, "DeepSpeed's 16-bit weights (its fp32 master copy is below)"
         if sharded:
-            add(params_place, f"weights, sharded 1/{n}", (f.layer_bytes + f.root_bytes) / n, "always",
-                "every weight (fp32 master) split over the ranks")
+            add(params_place, f"weights, sharded 1/{n}", weights / n, "always", why + ", split over the ranks")
         else:
-            add(on_dev, "weights, replicated", f.layer_bytes + f.root_bytes, "always", "fp32 master weights")
+            add(on_dev, "weights, replicated", weights, "always", why)
     else:
         layers_frozen = f.layer_bytes - 4 * (f.trainable - f.trainable_outside_layers)
         if sharded:
