@@ -380,7 +380,7 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
                         "FSDP2 reshards the root only after backward")
                 add(on_dev, "root gradient, unsharded", f.root_bytes, "backward",
                     "the root's fp32 gradient, reduce-scattered after backward")
-                head_grad = f.root_bytes
+                head_grad = 4 * f.vocab * f.hidden  # the LM head's; the embedding's comes last
             if cfg.optim in ("adamw_torch", "adamw_hf"):
                 add(state_place, "optimizer step temporaries (foreach)", train_b / n, "optimizer",
                     "foreach AdamW on FSDP2's DTensors: one fp32 temporary list over the shard")

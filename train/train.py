@@ -61,6 +61,13 @@ def run(cfg: TrainConfig) -> int:
                 print0(line)
         else:
             planned = planned_or_none(cfg, info)
+        if planned is not None:
+            place = "device" if info.device.type == "cuda" else "host"
+            peaks = {role: p[place] for role, p in planned["peak_mb"].items() if p}
+            print0(f"[memory] planned peak per rank ({place}): " + ", ".join(
+                f"{'rank 0' if role == 'loading' else 'other ranks'} {mb:,.0f} MB" for role, mb in peaks.items())
+                + f" (at {planned['peak_phase']['loading'][place]}); `python -m train.plan` with these flags "
+                "prints every term")
 
         # tokenizer and data first: a bad dataset fails before a model is loaded
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
