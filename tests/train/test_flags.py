@@ -55,7 +55,8 @@ BAD = {
                                            "Llama Layer"),
     "fsdp_config": ("--fsdp", "full_shard auto_wrap", "--fsdp_config", "/nonexistent/fsdp.yaml"),
     "deepspeed": "nope.json", "local_rank": "x", "ddp_timeout": "0",
-    "sequence_parallel_size": "0", "tiled_mlp": "maybe", "activation_offloading": "maybe",
+    "sequence_parallel_size": "0", "tiled_mlp": "maybe", "activation_offloading": "maybe", "auto_fit": "maybe",
+    "memory_gb": "0",
     "rope_scaling": '{"rope_type": "ntk", "factor": 2}', "torch_compile": "maybe",
 }
 # free-form strings for which no value is wrong, and why
