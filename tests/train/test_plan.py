@@ -4,11 +4,10 @@ its error against measured runs."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO, common, run
+from helpers import common, run
 
 from train.activations import trace_activations
 from train.plan import PlanError, fit, main, plan, plan_from_args
@@ -161,25 +160,32 @@ def test_train_auto_fit_and_first_step_check(tiny_llama, tmp_path):
     assert "WARNING" not in line
 
 
-@pytest.mark.slow
-def test_plan_within_15_percent_of_measured_runs(tmp_path_factory, tokenizers):
-    """Three of scripts/bench_plan.py's configurations on a 60M-parameter random Llama (the benchmark runs two
-    larger ones): each rank's measured peak (VmHWM through two optimizer steps) is within 15% of the plan."""
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory, tokenizers) -> str:
+    """A 40M-parameter random Llama (hidden 384, 6 heads / 3 KV heads, tied 49k vocabulary): large enough that its
+    own terms, not the framework, make most of a full fine-tune's peak."""
     from scripts.bench_memory import make_model
-    from scripts.bench_plan import predict, run_case, train_args
 
-    model, _ = make_model(tmp_path_factory.mktemp("plan-model"), 0.06e9, tokenizers["smollm2"], hidden=512,
-                          inter=1408, heads=8, kv_heads=4)
-    work = tmp_path_factory.mktemp("plan-runs")
+    return make_model(tmp_path_factory.mktemp("plan-model"), 0.04e9, tokenizers["smollm2"], hidden=384, inter=1056,
+                      heads=6, kv_heads=3)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, mode, length, nproc", [("single", "full", 128, 1), ("fsdp", "lora", 512, 2),
+                                                          ("zero3", "full", 128, 2)])
+def test_plan_within_15_percent_of_measured_runs(small_llama, tmp_path, backend, mode, length, nproc):
+    """Three of scripts/bench_plan.py's configurations, on a smaller model of the same family (the benchmark runs a
+    0.2B and a 0.48B one): each rank's measured peak (VmHWM through two optimizer steps of train.py) is within 15%
+    of the plan for the same flags."""
     from helpers import free_port
 
-    for backend, mode, length, nproc in (("single", "full", 128, 1), ("fsdp", "lora", 1024, 2),
-                                         ("zero3", "full", 128, 2)):
-        predicted = predict(model, backend, mode, length)
-        ranks = run_case(model, backend, mode, nproc, free_port(), work / backend,
-                         train_args(model, backend, mode, length, str(work / backend / "out"))[6:])
-        assert sorted(ranks) == list(range(nproc))
-        for rank, m in ranks.items():
-            planned = predicted["peak_mb"]["loading" if rank == 0 else "other"]["host"]
-            assert abs(planned / m["step_mb"] - 1) <= 0.15, (backend, mode, length, rank, planned, m)
-    assert Path(DEMO).is_file()
+    from scripts.bench_plan import predict, run_case, train_args
+
+    predicted = predict(small_llama, backend, mode, length)
+    ranks = run_case(small_llama, backend, mode, nproc, free_port(), tmp_path,
+                     train_args(small_llama, backend, mode, length, str(tmp_path / "out"))[6:])
+    assert sorted(ranks) == list(range(nproc))
+    for rank, measured in ranks.items():
+        planned = predicted["peak_mb"]["loading" if rank == 0 else "other"]["host"]
+        assert abs(planned / measured["step_mb"] - 1) <= 0.15, (rank, planned, measured)
+        assert [name for name, _ in measured["phases"][:4]] == ["load", "forward", "backward", "optimizer"]
