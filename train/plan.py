@@ -562,6 +562,52 @@ def check_first_step(planned: dict, rank: int, device: str) -> tuple[str, bool]:
     return line, abs(error) > TOLERANCE
 
 
+def plan_run(cfg, info) -> tuple[object, dict | None]:
+    """train.py's memory step, before anything is loaded: --auto_fit's choice (an error when nothing fits), or the
+    plan of the flags as given; the planned peak is logged. A model the planner cannot trace is trained unplanned,
+    with a note (a plan must never stop a run), unless --auto_fit needs the plan."""
+    from train.distributed import print0
+
+    device = info.device.type
+    try:
+        if cfg.auto_fit:
+            cfg, lines, planned = fit(cfg, info.world_size, device, cfg.memory_gb)
+            for line in lines:
+                print0(line)
+        else:
+            planned = plan(cfg, info.world_size, device)
+    except PlanError:
+        raise
+    except (OSError, ValueError, RuntimeError, NotImplementedError, TypeError) as e:  # the model's own loading
+        why = " ".join(str(e).split())[:200]  # reports an unreadable config properly, after the data is checked
+        if cfg.auto_fit:
+            raise PlanError(f"--auto_fit: the memory planner cannot plan this model ({why})") from None
+        print0(f"[memory] no plan for this model ({why}); the first step's peak is not checked")
+        return cfg, None
+    place = "device" if device == "cuda" else "host"
+    peaks = ", ".join(f"{'rank 0' if role == 'loading' else 'other ranks'} {p[place]:,.0f} MB"
+                      for role, p in planned["peak_mb"].items() if p)
+    print0(f"[memory] planned peak per rank ({place}): {peaks} (at {planned['peak_phase']['loading'][place]}); "
+           "`python -m train.plan` with these flags prints every term")
+    return cfg, planned
+
+
+def first_step_check(planned: dict | None, info):
+    """The callback train_loop runs after the first optimizer step: this rank's measured peak next to its plan;
+    every rank warns when it is more than TOLERANCE off, rank 0 logs it otherwise."""
+    def check() -> None:
+        if planned is None:
+            return
+        line, off = check_first_step(planned, info.rank, info.device.type)
+        if off:
+            print(f"{line} -- WARNING: more than {TOLERANCE:.0%} off the plan; `python -m train.plan` with these "
+                  "flags prints its terms", flush=True)
+        elif info.is_main:
+            print(line, flush=True)
+
+    return check
+
+
 def plan_from_args(argv: list[str], world_size: int = 1, device: str = "cpu", memory_gb: float | None = None) -> dict:
     return plan(_plan_cfg(argv), world_size, device, memory_gb)
 

@@ -35,7 +35,7 @@ from train.loop import (  # noqa: E402
 )
 from train.model_setup import build_model, model_config  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
-from train.plan import check_first_step, fit, plan  # noqa: E402
+from train.plan import first_step_check, plan_run  # noqa: E402
 from train.precision import resolve_precision  # noqa: E402
 from train.sampler import MicroBatchStream, PlanConfig, rescale_sampler_state, units_consumed  # noqa: E402
 from train.sequence_parallel import check_heads, init_sequence_parallel, shard_batch  # noqa: E402
@@ -55,19 +55,7 @@ def run(cfg: TrainConfig) -> int:
         for line in startup_notes(cfg):
             print0(line)
         # memory: sized (--auto_fit) and planned before anything is loaded; every rank computes the same plan
-        if cfg.auto_fit:
-            cfg, lines, planned = fit(cfg, info.world_size, info.device.type, cfg.memory_gb)
-            for line in lines:
-                print0(line)
-        else:
-            planned = planned_or_none(cfg, info)
-        if planned is not None:
-            place = "device" if info.device.type == "cuda" else "host"
-            peaks = {role: p[place] for role, p in planned["peak_mb"].items() if p}
-            print0(f"[memory] planned peak per rank ({place}): " + ", ".join(
-                f"{'rank 0' if role == 'loading' else 'other ranks'} {mb:,.0f} MB" for role, mb in peaks.items())
-                + f" (at {planned['peak_phase']['loading'][place]}); `python -m train.plan` with these flags "
-                "prints every term")
+        cfg, planned = plan_run(cfg, info)
 
         # tokenizer and data first: a bad dataset fails before a model is loaded
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
@@ -157,22 +145,12 @@ def run(cfg: TrainConfig) -> int:
         eval_fn = (lambda: evaluate(wrapped, eval_samples, collate, cfg, info, precision.autocast_dtype,
                                     (sp.dp_rank, sp.dp_size))) \
             if eval_samples else None
-        def check_memory() -> None:
-            if planned is None:
-                return
-            line, off = check_first_step(planned, info.rank, info.device.type)
-            if off:
-                print(f"{line} -- WARNING: more than 15% off the plan; `python -m train.plan` with these flags prints "
-                      "its terms", flush=True)
-            elif info.is_main:
-                print(line, flush=True)
-
         install_signal_handlers()
         try:
             state = train_loop(cfg=cfg, info=info, backend=backend, model=wrapped, optimizer=optimizer,
                                scheduler=scheduler, stream=stream, samples=samples, collate=collate,
                                total_steps=total_steps, state=state, tracker=tracker, save=save, eval_fn=eval_fn,
-                               precision=precision, after_first_step=check_memory)
+                               precision=precision, after_first_step=first_step_check(planned, info))
             if eval_fn is not None and cfg.evaluation_strategy != "no":
                 tracker.log(state.step, eval_fn())
             if cfg.save_strategy != "no" and not (state.last_checkpoint or "").endswith(f"checkpoint-{state.step}"):
@@ -191,16 +169,6 @@ def run(cfg: TrainConfig) -> int:
         return 0
     finally:
         cleanup()
-
-
-def planned_or_none(cfg: TrainConfig, info) -> dict | None:
-    """The memory plan of this run (train/plan.py), or None with a note where the model cannot be planned (an
-    architecture the meta-device trace does not run): a plan must never stop a run."""
-    try:
-        return plan(cfg, info.world_size, info.device.type)
-    except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
-        print0(f"[memory] no plan for this model ({' '.join(str(e).split())[:200]}); the first step's peak is not checked")
-        return None
 
 
 def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
