@@ -73,7 +73,6 @@ class Facts:
     trainable: int  # trainable parameters (fp32)
     trainable_outside_layers: int
     largest_bytes: int  # the largest single weight tensor as stored
-    largest_trainable: int  # elements of the largest trainable tensor
     buffer_bytes: int
     modules: int
     hidden: int
@@ -118,7 +117,7 @@ def model_facts(cfg, precision, length: int) -> Facts:
     from train.loss import chunkable
     from train.model_setup import build_model
 
-    meta_cfg = dataclasses.replace(cfg, q_lora=False, lora=cfg.is_peft, gradient_checkpointing=False,
+    meta_cfg = dataclasses.replace(cfg, q_lora=False, bits=4, lora=cfg.is_peft, gradient_checkpointing=False,
                                    tiled_mlp=False, torch_compile=False, activation_offloading=False, packing=False,
                                    sequence_parallel_size=1, neftune_noise_alpha=0.0)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -130,7 +129,7 @@ def model_facts(cfg, precision, length: int) -> Facts:
     # QLoRA: peft's prepare_model_for_kbit_training casts every weight bitsandbytes did not quantize (embeddings,
     # norms, LM head) to fp32, and the residual stream that starts at the fp32 embedding stays fp32 under autocast
     upcast = cfg.q_lora and precision.autocast_dtype is not None
-    layer_bytes = root_bytes = trainable = trainable_outside = largest = largest_train = params = 0
+    layer_bytes = root_bytes = trainable = trainable_outside = largest = params = 0
     for p in model.parameters():  # tied weights once
         params += p.numel()
         size = _quantized_bytes(p.numel(), cfg.bits) if id(p) in quantized else p.numel() * (
@@ -142,7 +141,6 @@ def model_facts(cfg, precision, length: int) -> Facts:
             root_bytes += size
         if p.requires_grad:
             trainable += p.numel()
-            largest_train = max(largest_train, p.numel())
             if id(p) not in in_layers:
                 trainable_outside += p.numel()
     compute = precision.compute_dtype
@@ -156,7 +154,7 @@ def model_facts(cfg, precision, length: int) -> Facts:
         acts = dataclasses.replace(acts, per_layer=per_layer, layer_input=2 * acts.layer_input)
     config = model.config
     return Facts(params=params, layers=len(layers), layer_bytes=layer_bytes, root_bytes=root_bytes, trainable=trainable,
-                 trainable_outside_layers=trainable_outside, largest_bytes=largest, largest_trainable=largest_train,
+                 trainable_outside_layers=trainable_outside, largest_bytes=largest,
                  buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
                  modules=sum(1 for _ in model.modules()), hidden=config.hidden_size,
                  vocab=config.vocab_size, per_layer_act=max(acts.per_layer), mlp_act=max(acts.mlp),
@@ -314,15 +312,16 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
             add(on_dev, "weights, replicated", weights, "always", why)
     else:
         layers_frozen = f.layer_bytes - 4 * (f.trainable - f.trainable_outside_layers)
+        quant = ("4-bit NF4 + absmax" if cfg.bits == 4 else "8-bit") + "; what bitsandbytes does not quantize is fp32"
         if sharded:
             add(params_place, f"frozen decoder layers, sharded 1/{n}", layers_frozen / n, "always",
-                "quantized 4-bit" if cfg.q_lora else "frozen base in the storage dtype")
+                quant if cfg.q_lora else "frozen base in the storage dtype")
             add(on_dev, "frozen root (embeddings, norm, LM head), replicated", f.root_bytes - 4 * f.trainable_outside_layers,
                 "always", "kept whole on every rank: needed at both ends of every step (train/layers.py)")
             add(params_place, f"adapters, sharded 1/{n}", train_b / n, "always", "fp32 LoRA weights")
         else:
             add(on_dev, "frozen base, replicated", layers_frozen + f.root_bytes - 4 * f.trainable_outside_layers,
-                "always", "4-bit NF4 + absmax" if cfg.q_lora else "frozen base in the storage dtype")
+                "always", quant if cfg.q_lora else "frozen base in the storage dtype")
             add(on_dev, "adapters", train_b, "always", "fp32 LoRA weights")
     add(on_dev, "buffers", f.buffer_bytes, "always", "rotary inv_freq and the like")
 
