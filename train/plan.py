@@ -641,7 +641,10 @@ def split_args(argv: list[str]) -> tuple[list[str], dict]:
         if name in ("world_size", "device"):
             if i + 1 >= len(argv):
                 raise PlanError(f"--{name} needs a value")
-            own[name] = int(argv[i + 1]) if name == "world_size" else argv[i + 1]
+            value = argv[i + 1]
+            if name == "world_size" and not value.isdigit():
+                raise PlanError(f"--world_size expects a number of processes, got {value!r}")
+            own[name] = int(value) if name == "world_size" else value
             i += 2
             continue
         if name == "json":
@@ -657,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip() + "\n\nTraining flags: `python train/train.py --help`.")
+        return 0
     try:
         rest, own = split_args(argv)
         cfg = _plan_cfg(rest)
