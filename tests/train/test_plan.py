@@ -88,6 +88,10 @@ def test_plan_terms_add_up_and_json_contract(tiny_llama, capsys):
     assert "--sequence_parallel_size 2 must divide --world_size 3" in capsys.readouterr().err
     assert main(["--model_name_or_path", tiny_llama, "--device", "tpu"]) == 2
     assert "--device must be cpu or cuda" in capsys.readouterr().err
+    assert main(["--model_name_or_path", tiny_llama, "--world_size", "two"]) == 2
+    assert "--world_size expects a number of processes, got 'two'" in capsys.readouterr().err
+    assert main(["--model_name_or_path", tiny_llama, "--memory_gb", "-1"]) == 2
+    assert "--memory_gb must be > 0" in capsys.readouterr().err
 
 
 def test_plan_places_and_shards_terms(tiny_llama):
