@@ -21,12 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train.host_memory import hwm_mb  # the benchmarks' per-process peak; imported by the others
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from train.host_memory import hwm_mb  # noqa: E402  (the benchmarks' per-process peak; imported by the others)
-
 DEMO = ROOT / "data" / "demo" / "chattune_demo.jsonl"
 BACKENDS = {"single": [], "fsdp": ["--fsdp", "full_shard auto_wrap"], "zero3": ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")],
             "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]}

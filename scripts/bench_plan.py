@@ -28,11 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.bench_memory import BACKENDS, DEMO, MODES, make_model, run_case  # noqa: E402
+from scripts.bench_memory import BACKENDS, DEMO, MODES, make_model, run_case
 
 MODELS = {"a": dict(params=0.2e9, hidden=1024, inter=2816, heads=16, kv_heads=16),
           "b": dict(params=0.48e9, hidden=1536, inter=4096, heads=12, kv_heads=4)}

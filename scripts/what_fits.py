@@ -16,9 +16,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 CONFIGS = ROOT / "scripts" / "model_configs"
 FSDP = ["--fsdp", "full_shard auto_wrap"]
 QLORA = ["--q_lora", "True", "--lora_r", "16", "--lora_alpha", "32"]
