@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.bench_memory import hwm_mb
+from train.host_memory import hwm_mb, reset_hwm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def child(model: str, outtype: str, output: str) -> int:
     from scripts import export
     from train import export_gguf, export_sources  # noqa: F401
 
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_hwm()
     baseline = hwm_mb()
     t0 = time.perf_counter()
     argv = ["--model-path", model, "--output", output, "--no-check"]

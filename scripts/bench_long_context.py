@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench_memory import hwm_mb
+from train.host_memory import hwm_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train.host_memory import hwm_mb  # the benchmarks' per-process peak; imported by the others
+from train.host_memory import hwm_mb, reset_hwm
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo" / "chattune_demo.jsonl"
@@ -42,7 +42,7 @@ def worker(argv: list[str]) -> int:
 
     def mark(name: str) -> None:
         record["phases"].append([name, hwm_mb()])
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        reset_hwm()
 
     loop, export, make_backend = recipe.train_loop, recipe.export_model, recipe.make_backend
     forward, accumulate = loop_module.token_loss_sum, loop_module.accumulate_gradients

@@ -245,7 +245,7 @@ def check_plan(args) -> bool:
 
     from train.collate import collate_padded
     from train.distributed import DistInfo
-    from train.host_memory import hwm_mb
+    from train.host_memory import hwm_mb, reset_hwm
     from train.loop import token_loss_sum
     from train.model_setup import build_model
     from train.optim import make_optimizer
@@ -264,8 +264,7 @@ def check_plan(args) -> bool:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS
-                f.write("5")
+            reset_hwm()
         model = build_model(cfg, DistInfo(0, 1, 0, device), "device", precision)
         optimizer = make_optimizer(cfg, model)
         ids = torch.randint(3, args.vocab, (args.seq,)).tolist()

@@ -10,14 +10,14 @@ import torch.distributed as dist
 from helpers import proc_status_mb, run_gloo_ranks
 
 from train import gloo_allgather
+from train.host_memory import reset_hwm
 
 MB = 2**20
 
 
 def _peak_growth_mb(fn) -> float:
-    """VmHWM growth over `fn()` (Linux: writing 5 to clear_refs resets the high-water mark to now)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    """VmHWM growth over `fn()`."""
+    reset_hwm()
     before = proc_status_mb("VmHWM")
     fn()
     return proc_status_mb("VmHWM") - before
