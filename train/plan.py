@@ -23,6 +23,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -99,13 +100,10 @@ def _plan_cfg(argv: list[str]):
 
 
 def _precision(cfg, device: str):
-    from train.precision import Precision, resolve_precision
+    """What the run will compute in: this CPU's answer, or a bf16-capable GPU's (the planner may run without one)."""
+    from train.precision import resolve_precision
 
-    if device == "cpu":
-        return resolve_precision(cfg.bf16, cfg.fp16, torch.device("cpu"))
-    if cfg.fp16:
-        return Precision("fp16")
-    return Precision("bf16" if cfg.bf16 != "false" else "fp32")
+    return resolve_precision(cfg.bf16, cfg.fp16, torch.device(device), cuda_bf16=True)
 
 
 def model_facts(cfg, precision, length: int) -> Facts:
@@ -187,27 +185,27 @@ def _quantized_bytes(numel: int, bits: int) -> float:
     return numel
 
 
-def _backend(cfg, world_size: int) -> tuple[str, int, bool]:
-    """(backend, ZeRO stage or 0, FSDP reshards after forward)."""
+class Setup(NamedTuple):
+    """How the flags distribute the model, read once per plan."""
+    backend: str  # single | ddp | fsdp | deepspeed
+    stage: int  # ZeRO stage (0 elsewhere)
+    reshard: bool  # FSDP2 reshards after forward (full_shard)
+    offload: bool  # parameters / optimizer state in host memory (FSDP2 offload, DeepSpeed offload_* blocks)
+
+
+def _backend(cfg, world_size: int) -> Setup:
     if cfg.deepspeed:
         from train.sharding_config import load_ds_config, zero_stage
 
-        return "deepspeed", zero_stage(load_ds_config(cfg.deepspeed)), True
+        ds = load_ds_config(cfg.deepspeed)
+        zero = ds.get("zero_optimization", {})
+        return Setup("deepspeed", zero_stage(ds), True, bool(zero.get("offload_optimizer") or zero.get("offload_param")))
     if cfg.fsdp:
         from train.sharding_config import FSDPSettings
 
         settings = FSDPSettings.from_flags(cfg.fsdp, cfg.fsdp_transformer_layer_cls_to_wrap, cfg.fsdp_config)
-        return "fsdp", 0, settings.reshard_after_forward
-    return ("ddp" if world_size > 1 else "single"), 0, True
-
-
-def _offload(cfg) -> bool:
-    if cfg.deepspeed:
-        from train.sharding_config import load_ds_config
-
-        zero = load_ds_config(cfg.deepspeed).get("zero_optimization", {})
-        return bool(zero.get("offload_optimizer") or zero.get("offload_param"))
-    return "offload" in cfg.fsdp.split()
+        return Setup("fsdp", 0, settings.reshard_after_forward, settings.offload)
+    return Setup("ddp" if world_size > 1 else "single", 0, True, False)
 
 
 def _optimizer_bytes_per_param(optim: str) -> tuple[float, str]:
@@ -230,21 +228,22 @@ def plan(cfg, world_size: int, device: str = "cpu", memory_gb: float | None = No
     sp = cfg.sequence_parallel_size
     if world_size % sp:
         raise PlanError(f"--sequence_parallel_size {sp} must divide --world_size {world_size}")
-    backend, stage, reshard = _backend(cfg, world_size)
+    setup = _backend(cfg, world_size)
     precision = _precision(cfg, device)
     batch, length = cfg.per_device_train_batch_size, cfg.model_max_length
     rank_length = math.ceil(length / sp)
     facts = facts or model_facts(cfg, precision, rank_length)
-    terms = {role: _terms(cfg, facts, backend, stage, reshard, world_size, device, precision, role, rank_length)
+    terms = {role: _terms(cfg, facts, setup, world_size, device, precision, role, rank_length)
              for role in (("loading", "other") if world_size > 1 else ("loading",))}
     peaks: dict = {}
     for role, places in terms.items():
         peaks[role] = {place: _peak(ts)[0] for place, ts in places.items()}
     for_json = {
-        "world_size": world_size, "device": device, "backend": backend if not stage else f"zero{stage}",
+        "world_size": world_size, "device": device,
+        "backend": f"zero{setup.stage}" if setup.stage else setup.backend,
         "mode": "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full", "precision": precision.name,
         "micro_batch": batch, "model_max_length": length, "gradient_checkpointing": cfg.gradient_checkpointing,
-        "sequence_parallel_size": sp, "offload": _offload(cfg),
+        "sequence_parallel_size": sp, "offload": setup.offload,
         "model": {"params": facts.params, "layers": facts.layers, "trainable": facts.trainable,
                   "hidden": facts.hidden, "vocab": facts.vocab, **facts.names},
         "terms": {role: {place: [dataclasses.asdict(t) for t in ts] for place, ts in places.items()}
@@ -278,9 +277,10 @@ def _peak(terms: list[Term]) -> tuple[float, str]:
     return totals[worst], worst
 
 
-def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, device: str, precision, role: str,
+def _terms(cfg, f: Facts, setup: Setup, world: int, device: str, precision, role: str,
            length: int) -> dict[str, list[Term]]:
     """Each term of one rank role, on the device and on the host."""
+    backend, stage, reshard, offload = setup
     cuda = device == "cuda"
     dev: list[Term] = []
     host: list[Term] = []
@@ -294,7 +294,6 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
     head_grad = 0  # the LM head's fp32 gradient, allocated by the loss's backward (full fine-tunes)
     sharded = backend == "fsdp" or (backend == "deepspeed" and stage == 3)
     n = world if sharded else 1
-    offload = _offload(cfg)
     params_place = host if (offload and sharded) else on_dev
     state_place = host if offload else on_dev
     train_b = 4 * f.trainable  # trainable weights, their gradients and master copies are fp32
@@ -328,13 +327,14 @@ def _terms(cfg, f: Facts, backend: str, stage: int, reshard: bool, world: int, d
     # --- optimizer state, gradients, master copies ---
     per_param, opt_why = _optimizer_bytes_per_param(cfg.optim)
     if backend == "deepspeed":
-        add(state_place, f"fp32 master copy of trained weights, 1/{n if stage else 1}"
-            if stage else "fp32 master copy of trained weights", train_b / (world if stage >= 1 else 1), "always",
+        states = world if stage >= 1 else 1  # ZeRO-1 partitions the optimizer's states (master copy included)
+        grads = world if stage >= 2 else 1  # ZeRO-2 the gradients too
+        add(state_place, f"fp32 master copy of trained weights, 1/{states}", train_b / states, "always",
             "DeepSpeed keeps its own fp32 copy of what it trains, even of fp32 weights")
-        add(state_place, f"optimizer state, 1/{world if stage >= 1 else 1}", per_param * f.trainable /
-            (world if stage >= 1 else 1), "train", opt_why + ", allocated at the first step")
-        add(state_place, f"gradient partition, 1/{world if stage >= 2 else 1}", train_b / (world if stage >= 2 else 1),
-            "always", "fp32, allocated once (contiguous_gradients)")
+        add(state_place, f"optimizer state, 1/{states}", per_param * f.trainable / states, "train",
+            opt_why + ", allocated at the first step")
+        add(state_place, f"gradient partition, 1/{grads}", train_b / grads, "always",
+            "fp32, allocated once (contiguous_gradients)")
         h2 = f.hidden * f.hidden
         add(on_dev, "reduce bucket", 4 * h2, "backward", "reduce_bucket_size (auto: hidden²) fp32 elements")
         if stage == 3:
@@ -482,16 +482,16 @@ def device_budget_gb(device: str) -> tuple[float, str]:
 
 def _offloaded(cfg):
     """`cfg` with parameters / optimizer state in host memory, or None when its backend cannot offload."""
-    if cfg.fsdp and "offload" not in cfg.fsdp.split():
+    from pathlib import Path
+
+    setup = _backend(cfg, 1)
+    if setup.offload:
+        return None
+    if setup.backend == "fsdp":
         return dataclasses.replace(cfg, fsdp=f"{cfg.fsdp} offload")
-    if cfg.deepspeed and not _offload(cfg):
-        from pathlib import Path
-
-        from train.sharding_config import load_ds_config, zero_stage
-
-        stage = zero_stage(load_ds_config(cfg.deepspeed))
-        target = Path(__file__).resolve().parent.parent / "ds_configs" / f"zero{stage}_offload.json"
-        return dataclasses.replace(cfg, deepspeed=str(target)) if stage in (2, 3) and target.is_file() else None
+    target = Path(__file__).resolve().parent.parent / "ds_configs" / f"zero{setup.stage}_offload.json"
+    if setup.backend == "deepspeed" and setup.stage in (2, 3) and target.is_file():
+        return dataclasses.replace(cfg, deepspeed=str(target))
     return None
 
 
