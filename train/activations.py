@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from train.long_rows import decoder_layers
+from train.loss import causal_lm
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,5 @@ def trace_activations(model, batch: int, length: int) -> LayerActivations:
 
 def _decoder(model):
     """The transformers decoder stack (`model.model` of a CausalLM), inside a peft wrapper or not."""
-    get_base = getattr(model, "get_base_model", None)
-    lm = get_base() if callable(get_base) else model
+    lm = causal_lm(model)
     return getattr(lm, lm.base_model_prefix, lm)

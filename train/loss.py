@@ -32,7 +32,7 @@ CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (forward or backward)
 _targets: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("chattune_loss_targets", default=None)
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The transformers CausalLM inside a peft model (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -43,7 +43,7 @@ def install(model) -> bool:
     (FSDP/DeepSpeed/DDP). Returns False (plain loss kept) where the model's head is not a plain linear layer."""
     if not chunkable(model):
         return False
-    head = _causal_lm(model).lm_head
+    head = causal_lm(model).lm_head
     plain_forward = head.forward
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def install(model) -> bool:
 
 def chunkable(model) -> bool:
     """Whether `model`'s loss can be computed in chunks from its hidden states (its head is a plain linear layer)."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     config = getattr(lm, "config", None)
     head = getattr(lm, "lm_head", None)
     return not (config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES
