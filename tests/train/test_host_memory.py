@@ -8,31 +8,38 @@ import sys
 from helpers import proc_status_mb
 
 CODE = """
-import sys, torch
+import ctypes, sys, torch
 from train.host_memory import return_large_frees_to_os
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+def mmapped_mb():
+    return libc.mallinfo2().hblkhd / 2**20
 def rss_mb():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
-if sys.argv[1] == 'fixed':
-    assert return_large_frees_to_os()
-big = torch.empty(16 * 2**20, dtype=torch.uint8); big.fill_(1); del big   # raises glibc dynamic threshold to 16 MB
-before = rss_mb()
+assert return_large_frees_to_os()
+big = torch.empty(16 * 2**20, dtype=torch.uint8); big.fill_(1); del big   # would raise glibc's dynamic threshold to 16 MB
+before_rss, before_mmapped = rss_mb(), mmapped_mb()
 blocks, kept = [], []
-for _ in range(40):  # 6 MB blocks (under the raised threshold), each followed by a small block that stays
+for _ in range(40):  # 6 MB blocks (under that threshold), each followed by a small block that stays
     blocks.append(torch.ones(6 * 2**20 // 4))
     kept.append(torch.ones(256))
+held_mmapped = mmapped_mb() - before_mmapped
 del blocks
-print(rss_mb() - before)
+print(held_mmapped, rss_mb() - before_rss)
 """
 
 
-def _retained_mb(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", CODE, mode], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
-
-
 def test_large_frees_return_to_the_os():
-    assert _retained_mb("fixed") < 20
-    assert _retained_mb("default") > 100  # what the fix is for: glibc keeps them otherwise
+    """With the fixed threshold, the 6 MB blocks are their own mappings (the mechanism) and freeing them
+    returns their memory (the effect). glibc's default behaviour is not asserted: whether it keeps such
+    blocks depends on the C library's build and tunables (CI's kept 25 MB of 240, this machine's 240)."""
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, check=True)
+    held_mmapped_mb, retained_mb = map(float, out.stdout.split())
+    assert held_mmapped_mb >= 240
+    assert retained_mb < 20
 
 
 def test_page_out_drops_a_read_memory_mapped_weight_from_resident_memory_and_keeps_its_values(tmp_path):
