@@ -440,4 +440,6 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.fast_exit import exit_fast
+
+    exit_fast(main())

@@ -136,4 +136,6 @@ def _stable_hash(qid) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.fast_exit import exit_fast
+
+    exit_fast(main())

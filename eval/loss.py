@@ -294,4 +294,6 @@ def _gather_counter(counter: Counter) -> Counter:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.fast_exit import exit_fast
+
+    exit_fast(main())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import sys
 
 from data.records import Tally, add_io_args, progress, read_records, record_id, run_tool, where, write_records
 
@@ -130,4 +129,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    from train.fast_exit import exit_fast
+
+    exit_fast(run_tool(main))

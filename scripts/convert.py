@@ -16,7 +16,6 @@ string, reasoning inline as `<think>…</think>`); records with tools cannot be 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from data.records import (
     Tally,
@@ -73,4 +72,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    from train.fast_exit import exit_fast
+
+    exit_fast(run_tool(main))

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 
 from data.records import (
@@ -96,4 +95,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    from train.fast_exit import exit_fast
+
+    exit_fast(run_tool(main))

@@ -152,4 +152,6 @@ def _gate(args, out: Path, source: Source, tokenizer, template: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.fast_exit import exit_fast
+
+    exit_fast(main())

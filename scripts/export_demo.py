@@ -107,4 +107,6 @@ def tokenizer_matrix(work: Path) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.fast_exit import exit_fast
+
+    exit_fast(main())

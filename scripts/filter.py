@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
 from data.records import (
     TEMPLATE_HELP,
@@ -144,4 +143,6 @@ def filter_by_tokens(survivors, args, tally: Tally) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    from train.fast_exit import exit_fast
+
+    exit_fast(run_tool(main))

@@ -15,7 +15,6 @@ part starts at a user turn and runs to the next one, so a tool call is never sep
 from __future__ import annotations
 
 import argparse
-import sys
 
 from data.records import (
     TEMPLATE_HELP,
@@ -79,4 +78,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    from train.fast_exit import exit_fast
+
+    exit_fast(run_tool(main))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from data.records import (
@@ -133,4 +132,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    from train.fast_exit import exit_fast
+
+    exit_fast(run_tool(main))

@@ -24,6 +24,7 @@ from train.collate import collate_packed, collate_padded  # noqa: E402
 from train.config import ConfigError, TrainConfig, parse_args, startup_notes  # noqa: E402
 from train.distributed import cleanup, init_distributed, print0  # noqa: E402
 from train.export import export_model  # noqa: E402
+from train.fast_exit import exit_fast  # noqa: E402
 from train.host_memory import return_large_frees_to_os  # noqa: E402
 from train.loop import (  # noqa: E402
     LoopState,
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())

@@ -12,7 +12,8 @@ import sys
 if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from train.fast_exit import exit_fast  # noqa: E402
 from train.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(defaults={"lora": True, "learning_rate": 2e-4}))
+    exit_fast(main(defaults={"lora": True, "learning_rate": 2e-4}))
