@@ -121,6 +121,17 @@ def check_run_facts(path: Path, saved: dict, now: dict) -> None:
                                      f"checkpoint, {now[k]} now{more}; resume with the same, or start fresh")
 
 
+def check_resumable(path: Path, run_facts: dict) -> dict:
+    """The trainer state of a checkpoint this run can resume (format and run facts), before anything is loaded:
+    a resume that cannot be honoured fails in seconds, not after the model is built."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise IncompatibleCheckpoint(f"--resume_from_checkpoint {path}: checkpoint format "
+                                     f"{state.get('format_version', 1)}, this chattune reads {FORMAT_VERSION}")
+    check_run_facts(path, state.get("run", {}), run_facts)
+    return state
+
+
 # --- files --------------------------------------------------------------------------------------
 
 def _fsync(path: Path) -> None:
@@ -340,11 +351,7 @@ class Checkpointer:
     # --- load -------------------------------------------------------------------------------------
     def load(self, path: Path, model, optimizer, scheduler, run_facts: dict) -> dict:
         """Restore weights, optimizer, schedule and (same world size) RNG; returns the trainer state."""
-        state = json.loads((path / STATE_FILE).read_text())
-        if state.get("format_version") != FORMAT_VERSION:
-            raise IncompatibleCheckpoint(f"--resume_from_checkpoint {path}: checkpoint format "
-                                         f"{state.get('format_version', 1)}, this chattune reads {FORMAT_VERSION}")
-        check_run_facts(path, state.get("run", {}), run_facts)
+        state = check_resumable(path, run_facts)
         self.backend.load_checkpoint_state(path, model, optimizer)
         scheduler.load_state_dict(_fit_groups(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
                                               len(optimizer.param_groups)))

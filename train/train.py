@@ -19,7 +19,7 @@ from data.dataset import DataBuildError, DataConfig, build_dataset, lengths_of  
 from data.tokenizer import load_tokenizer  # noqa: E402
 from data.validate import DataError, ValidationOptions  # noqa: E402
 from train.backend_select import make_backend  # noqa: E402
-from train.checkpoint import Checkpointer, lengths_fingerprint, resolve_resume  # noqa: E402
+from train.checkpoint import Checkpointer, check_resumable, lengths_fingerprint, resolve_resume  # noqa: E402
 from train.collate import collate_packed, collate_padded  # noqa: E402
 from train.config import ConfigError, TrainConfig, parse_args, startup_notes  # noqa: E402
 from train.distributed import cleanup, init_distributed, print0  # noqa: E402
@@ -79,23 +79,10 @@ def run(cfg: TrainConfig) -> int:
                                           **cache_opts)
             eval_samples = eval_ds.select_columns(["input_ids", "labels"])
 
-        # the backend decides how weights arrive: sharded backends never materialize the full model on
-        # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
         # sequence parallelism: groups of N ranks share rows, each holding L/N positions; data parallelism
         # (sampler, eval shards, the global batch) runs over the W/N groups
         sp = init_sequence_parallel(info, cfg.sequence_parallel_size)
-        config = model_config(cfg)
-        check_heads(config, sp.size)
-        backend = make_backend(info, cfg, precision, getattr(config, "hidden_size", None))
-        model = backend.build_model(lambda placement: build_model(cfg, info, placement, precision))
         mode = "qlora" if cfg.q_lora else "lora" if cfg.is_peft else "full"
-        if cfg.packing:  # one row of the micro-batch's samples with cu_seq_lens: attention per sample (train/attention.py)
-            def collate(units):
-                return shard_batch(collate_packed(units, pad_id, varlen=True, multiple=sp.size), sp)
-        else:
-            def collate(units):
-                return shard_batch(collate_padded([s for unit in units for s in unit], pad_id, multiple=sp.size), sp)
-
         plan = PlanConfig(cfg.per_device_train_batch_size, sp.dp_size, sp.dp_rank, cfg.seed, cfg.packing,
                           cfg.model_max_length, cfg.group_by_length)
         lengths = lengths_of(train_ds)
@@ -108,13 +95,29 @@ def run(cfg: TrainConfig) -> int:
                      "rows": cfg.model_max_length if cfg.packing else None, "group_by_length": cfg.group_by_length,
                      "seed": cfg.seed, "data": f"{len(lengths)} samples (lengths {lengths_fingerprint(lengths)})"}
 
+        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        if resume is not None:
+            check_resumable(resume, run_facts)  # before the model: a resume that cannot be honoured fails now
+
+        # the backend decides how weights arrive: sharded backends never materialize the full model on
+        # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
+        config = model_config(cfg)
+        check_heads(config, sp.size)
+        backend = make_backend(info, cfg, precision, getattr(config, "hidden_size", None))
+        model = backend.build_model(lambda placement: build_model(cfg, info, placement, precision))
+        if cfg.packing:  # one row of the micro-batch's samples with cu_seq_lens: attention per sample (train/attention.py)
+            def collate(units):
+                return shard_batch(collate_packed(units, pad_id, varlen=True, multiple=sp.size), sp)
+        else:
+            def collate(units):
+                return shard_batch(collate_padded([s for unit in units for s in unit], pad_id, multiple=sp.size), sp)
+
         # wrapping/sharding (FSDP, DeepSpeed) precedes the optimizer, which sees the wrapped parameters
         wrapped, optimizer = backend.setup(model, lambda m: make_optimizer(cfg, m))
         scheduler = make_scheduler(cfg, optimizer, total_steps)
         checkpointer = Checkpointer(cfg.output_dir, info, backend, cfg.save_total_limit, cfg.async_save)
         state = LoopState()
         saved: dict = {}
-        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume is not None:
             saved = checkpointer.load(resume, wrapped, optimizer, scheduler, run_facts)
             state = LoopState.from_dict(saved)

@@ -29,6 +29,8 @@ def _hop_flags(backend: str, nproc: int, zero3: str, sp: int = 1) -> dict:
         flags["async_save"] = True  # written by a background thread on its own process group; the exit waits for it
     if backend == "fsdp":
         flags["fsdp"] = "full_shard auto_wrap"
+    elif backend == "zero2":
+        flags["deepspeed"] = "ds_configs/zero2.json"
     elif backend == "zero3":
         flags["deepspeed"] = zero3  # every parameter partitioned, as at real sizes
     return flags
@@ -37,13 +39,13 @@ def _hop_flags(backend: str, nproc: int, zero3: str, sp: int = 1) -> dict:
 # the full chain also extends RoPE (--rope_scaling): every hop trains the scaled positions, and the export says so
 MODE_FLAGS = {"full": {"rope_scaling": '{"rope_type": "yarn", "factor": 2}'},
               "lora": {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3}}
-# (backend, processes, sequence-parallel size) per hop. full: single→FSDP2 1→2, FSDP2 2→1, FSDP2→ZeRO-3 with SP=2
-# (one group of 2 ranks), ZeRO-3 SP=2 → FSDP2 without SP (ZeRO-3 loads a checkpoint one parameter at a time
-# whatever wrote it, so its 1→2 hop covers its reshard; a 2→1 ZeRO-3 hop was dropped for suite time); lora: single→FSDP2 with SP=2, FSDP2 SP=2 → single,
-# single→ZeRO-3 1→2. Each chain ends on a sharded backend, so its final export (gathered one tensor at a time) is
-# compared too. Two-process hops save with --async_save.
+# (backend, processes, sequence-parallel size) per hop. full: single → ZeRO-2 (1→2), ZeRO-2 → FSDP2 (2→1),
+# FSDP2 → ZeRO-3 with SP=2 (1→2, one group of 2 ranks), ZeRO-3 SP=2 → FSDP2 without SP. lora: single → FSDP2 with
+# SP=2 (1→2), FSDP2 SP=2 → single (2→1), single → ZeRO-3 (1→2). Every backend resumes another's checkpoint, and
+# each chain ends on a sharded backend, so its final export (gathered one tensor at a time) is compared too:
+# FSDP2's full model and ZeRO-3's adapter. Two-process hops save with --async_save.
 CHAINS = {
-    "full": [("single", 1, 1), ("fsdp", 2, 1), ("fsdp", 1, 1), ("zero3", 2, 2), ("fsdp", 2, 1)],
+    "full": [("single", 1, 1), ("zero2", 2, 1), ("fsdp", 1, 1), ("zero3", 2, 2), ("fsdp", 2, 1)],
     "lora": [("single", 1, 1), ("fsdp", 2, 2), ("single", 1, 1), ("zero3", 2, 1)],
 }
 
@@ -68,7 +70,7 @@ def test_a_chain_of_world_sizes_and_backends_equals_one_uninterrupted_run(mode, 
         if step > 1:
             assert f"resumed from {out / f'checkpoint-{step - 1}'}" in proc.stdout, proc.stdout[-2000:]
         state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
-        assert (state["world_size"], state["backend"]) == (nproc, {"zero3": "deepspeed"}.get(backend, backend))
+        assert (state["world_size"], state["backend"]) == (nproc, {"zero2": "deepspeed", "zero3": "deepspeed"}.get(backend, backend))
     want, got = losses(ref), losses(out)
     assert sorted(got) == list(range(1, len(chain) + 1))  # metrics.jsonl: each step exactly once
     for s in want:
@@ -83,17 +85,28 @@ def test_a_chain_of_world_sizes_and_backends_equals_one_uninterrupted_run(mode, 
 
 
 @pytest.mark.slow
-def test_a_resume_that_cannot_be_honoured_is_one_line(tiny_llama, tmp_path):
-    """Another global batch, another model shape, another mode: one line naming what differs, before training."""
+def test_a_resume_that_cannot_be_honoured_is_one_line(tiny_llama, tokenizers, tmp_path, capfd):
+    """Another global batch, another mode: one line naming what differs, before the model is built; another
+    model (one more layer): one line naming a weight. The refused resumes run train.py's entry point in this
+    process."""
+    from helpers import make_tiny_llama
+
+    from train.train import main
+
+    deeper = make_tiny_llama(tmp_path / "deeper", tokenizers["smollm2"], layers=3)
+
     out = tmp_path / "run"
     run("train.py", common(tiny_llama, out, max_steps=1, **_hop_flags("single", 1, "")))
-    bad = run("train.py", common(tiny_llama, out, max_steps=2, resume_from_checkpoint="True",
-                                 **{**_hop_flags("single", 1, ""), "per_device_train_batch_size": 1}), check=False)
-    assert bad.returncode == 1
-    (line,) = [x for x in bad.stderr.splitlines() if x.startswith("error:")]
-    assert "--per_device_train_batch_size" in line and "4 in the checkpoint, 2 now" in line, line
-    assert "Traceback" not in bad.stderr
-    lora = run("train.py", common(tiny_llama, out, max_steps=2, resume_from_checkpoint="True",
-                                  **_hop_flags("single", 1, ""), **MODE_FLAGS["lora"]), check=False)
-    (line,) = [x for x in lora.stderr.splitlines() if x.startswith("error:")]
-    assert "fine-tuning mode" in line and "full in the checkpoint, lora now" in line, line
+    cases = [(tiny_llama, {"per_device_train_batch_size": 1}, ["--per_device_train_batch_size", "4 in the checkpoint, 2 now"]),
+             (tiny_llama, MODE_FLAGS["lora"], ["fine-tuning mode", "full in the checkpoint, lora now"]),
+             (deeper, {}, ["written for a different model", "layers.2."])]
+    capfd.readouterr()
+    for model, over, expected in cases:
+        code = main(common(model, out, max_steps=2, resume_from_checkpoint="True",
+                           **{**_hop_flags("single", 1, ""), **over}))
+        captured = capfd.readouterr()
+        assert code == 1, captured.err[-2000:]
+        (line,) = [x for x in captured.err.splitlines() if x.startswith("error:")]
+        assert all(e in line for e in expected), line
+        assert "Traceback" not in captured.err
+        assert ("[model]" in captured.out) == (model == deeper), captured.out  # run facts are checked before loading
