@@ -41,13 +41,13 @@ def merge(adapter: str, output: str, base: str | None = None, dtype: str = "bf16
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, help="training output holding adapter_config.json")
     ap.add_argument("--output", required=True, help="directory for the merged model")
     ap.add_argument("--base-model-path", help="base model (default: from adapter_config.json)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = merge(args.adapter, args.output, args.base_model_path, args.dtype)
     print(f"merged model written to {out}")
     return 0

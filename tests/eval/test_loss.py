@@ -107,6 +107,13 @@ def test_matches_training_eval_loss_and_is_rank_independent(tiny_llama, tmp_path
     model give the same loss."""
     held = tmp_path / "held.jsonl"  # 48 of the demo's conversations: each figure below is one more pass over them
     held.write_text("".join(Path(DEMO).read_text().splitlines(keepends=True)[:48]))
+    from eval.loss import main as loss_main
+    from scripts.merge_lora import main as merge_main
+
+    def loss_in_process(model: Path, out: Path) -> dict:  # eval.loss's entry point; the two-rank run is a command
+        assert loss_main(["--model-path", str(model), "--data", str(held), "--max-length", "96", "--output", str(out)]) == 0
+        return json.loads(out.read_text())
+
     for mode, extra in (("full", {"save_dtype": "fp32"}), ("lora", {"lora": True})):
         d = tmp_path / mode
         run("train.py", common(tiny_llama, d, max_steps=2, per_device_train_batch_size=2, save_strategy="no",
@@ -114,19 +121,12 @@ def test_matches_training_eval_loss_and_is_rank_independent(tiny_llama, tmp_path
         logged = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
         eval_loss = [r["eval_loss"] for r in logged if "eval_loss" in r][-1]
         assert losses(d)  # it trained
-        single = tmp_path / f"{mode}-1.json"
-        proc = _loss("--model-path", str(d), "--data", str(held), "--max-length", "96", "--output", str(single))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        figures = json.loads(single.read_text())
+        figures = loss_in_process(d, tmp_path / f"{mode}-1.json")
         assert figures["overall"]["loss"] == pytest.approx(eval_loss, rel=1e-4)
         if mode == "lora":  # the same adapter merged into a standalone model by scripts/merge_lora.py
             merged = tmp_path / "merged"
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_lora.py"), "--adapter", str(d), "--output",
-                            str(merged), "--dtype", "fp32"], check=True, capture_output=True, env=ENV, cwd=ROOT)
-            proc = _loss("--model-path", str(merged), "--data", str(held), "--max-length", "96", "--output",
-                         str(tmp_path / "merged.json"))
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            merged_loss = json.loads((tmp_path / "merged.json").read_text())["overall"]["loss"]
+            assert merge_main(["--adapter", str(d), "--output", str(merged), "--dtype", "fp32"]) == 0
+            merged_loss = loss_in_process(merged, tmp_path / "merged.json")["overall"]["loss"]
             assert merged_loss == pytest.approx(figures["overall"]["loss"], rel=1e-4)
         if mode == "full":
             double = tmp_path / "full-2.json"
