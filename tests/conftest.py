@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist already runs one worker per core: a second intra-op thread per worker only oversubscribes the CPU
+    # (OpenMP threads spin while they wait). Subprocesses get the same setting (helpers.ENV), spawned ranks inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 from data.assets import ASSETS, fetch_assets
 from data.tokenizer import load_tokenizer
