@@ -105,7 +105,14 @@ def _py(module: str, *args: str, check: bool = True, cwd=None) -> subprocess.Com
 
 
 @pytest.mark.slow
-def test_answers_judging_and_results_end_to_end(tiny_llama, constant_reply_model, tmp_path):
+def test_answers_judging_and_results_end_to_end(tiny_llama, constant_reply_model, tmp_path, capsys):
+    from eval.gen_answers import main as gen_answers
+
+    def _gen(*args: str) -> str:  # eval.gen_answers's entry point in this process (it loads a model each time)
+        capsys.readouterr()
+        assert gen_answers(list(args)) == 0
+        return capsys.readouterr().out
+
     judge_model, reply = constant_reply_model
     assert parse_score(reply) == 7.0 and parse_verdict(reply) == "A"  # a deterministic judge for the flow
     qfile = tmp_path / "question.jsonl"
@@ -116,29 +123,29 @@ def test_answers_judging_and_results_end_to_end(tiny_llama, constant_reply_model
     gen = ["--questions", str(qfile), "--answer-dir", str(answers), "--max-new-tokens", "6"]
 
     # answers: resumable (first two questions, then the rest; a torn last line is tolerated)
-    _py("eval.gen_answers", "--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", "base", *gen,
+    _gen("--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", "base", *gen,
         "--question-end", "2")
     first = load_answer_file(answers / "base.jsonl")
     assert sorted(first) == [1, 2]
     with open(answers / "base.jsonl", "a") as f:
         f.write('{"question_id": 3, "answer_id": "to')
-    out = _py("eval.gen_answers", "--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", "base", *gen)
-    assert "2 already answered" in out.stdout and "1 to go" in out.stdout
+    out = _gen("--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", "base", *gen)
+    assert "2 already answered" in out and "1 to go" in out
     base = load_answer_file(answers / "base.jsonl")
     assert sorted(base) == [1, 2, 3] and base[1]["answer_id"] == first[1]["answer_id"]
     assert [len(base[q]["choices"][0]["turns"]) for q in (1, 2, 3)] == [2, 2, 1]
     assert all(base[q]["model_id"] == "base" for q in base)
-    _py("eval.gen_answers", "--model-path", str(judge_model), "--model-id", "tuned", *gen)
+    _gen("--model-path", str(judge_model), "--model-id", "tuned", *gen)
     # per-category temperature: math is greedy (same answer whatever the seed), writing samples at 0.7
     other = tmp_path / "other"
     for seed in ("1", "2"):
-        _py("eval.gen_answers", "--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", f"s{seed}",
+        _gen("--model-path", tiny_llama, "--conv-template", "chatml", "--model-id", f"s{seed}",
             "--questions", str(qfile), "--answer-dir", str(other), "--max-new-tokens", "6", "--seed", seed,
             "--question-end", "2")
     s1, s2 = load_answer_file(other / "s1.jsonl"), load_answer_file(other / "s2.jsonl")
     assert s1[2]["choices"] == s2[2]["choices"] and s1[1]["choices"] != s2[1]["choices"]
-    out = _py("eval.gen_answers", "--model-path", str(judge_model), "--model-id", "tuned", *gen)
-    assert "0 to go" in out.stdout
+    out = _gen("--model-path", str(judge_model), "--model-id", "tuned", *gen)
+    assert "0 to go" in out
 
     proc, url = start_server(judge_model, "--model-name", "judge", "--limit-concurrency", "2")
     try:

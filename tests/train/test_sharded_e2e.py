@@ -47,10 +47,11 @@ def reference(tiny_llama, tmp_path_factory):
 def _logits(out_dir, mode: str, base: str) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    if mode in ("lora", "qlora"):
-        from peft import PeftModel
+    if mode in ("lora", "qlora"):  # the base comes from the adapter's own config, as a user loads it
+        from peft import AutoPeftModelForCausalLM
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)
+        assert json.loads((out_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+        model = AutoPeftModelForCausalLM.from_pretrained(out_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -65,8 +66,11 @@ def _logits(out_dir, mode: str, base: str) -> torch.Tensor:
 # compared in test_sharded_scale.py; train_mem.py under FSDP2 runs in the FastChat test below.
 LORA_BACKENDS = ("ddp", "zero2")
 COVERED_BY_RESUME_CHAINS = {("fsdp_full_shard", "full"), ("zero3", "full")}
-MATRIX = [(*b, "full") for b in BACKENDS if (b[0], "full") not in COVERED_BY_RESUME_CHAINS] + \
-    [(*b, "lora") for b in BACKENDS if b[0] in LORA_BACKENDS]
+# DDP runs through FastChat's other two entry points: train_mem.py (full) and train_lora.py (LoRA)
+FASTCHAT_SCRIPT = {("ddp", "full"): "train_mem.py", ("ddp", "lora"): "train_lora.py"}
+MATRIX = [(b[0], FASTCHAT_SCRIPT.get((b[0], mode), b[1]), *b[2:], mode)
+          for mode in ("full", "lora") for b in BACKENDS
+          if (b[0], mode) not in COVERED_BY_RESUME_CHAINS and (mode == "full" or b[0] in LORA_BACKENDS)]
 
 
 @pytest.mark.slow
@@ -86,6 +90,7 @@ def test_backend_matches_single_process(name, script, nproc, extra, mode, refere
         for k in saved:
             torch.testing.assert_close(saved[k].float(), expected[k].float(), atol=1e-4, rtol=1e-3)
         assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+        assert json.loads((out / "chattune.json").read_text())["mode"] == mode
     torch.testing.assert_close(_logits(out, mode, tiny_llama), _logits(reference[mode], mode, tiny_llama),
                                atol=LOGIT_ATOL * 50 if mode == "full" else LOGIT_ATOL, rtol=1e-3)
 

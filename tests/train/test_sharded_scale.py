@@ -157,7 +157,10 @@ def test_lora_sharded_eval_adapter_and_lean_resumable_checkpoint(backend, single
     ckpt_bytes = sum(f.stat().st_size for f in (out / "checkpoint-2").rglob("*") if f.is_file())
     assert ckpt_bytes < 0.1 * model_bytes, (ckpt_bytes, model_bytes)
 
-    # and resuming from it is exact
+    # and resuming from it is exact (FSDP2's lean checkpoint is resumed by the LoRA resume chain of
+    # test_resume_anywhere.py; ZeRO-3's is resumed only here)
+    if backend == "fsdp":
+        return
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
@@ -194,8 +197,9 @@ def poisoned(model, batch, device, bf16):
             return out * float("nan")
     return out
 loop.token_loss_sum = poisoned
+from train.fast_exit import exit_fast
 from train.train import main
-sys.exit(main())
+exit_fast(main())
 """
 
 
