@@ -48,6 +48,24 @@ from train.layers import decoder_layer_classes, replicated_frozen_params
 from train.sharding_config import FSDPConfigError, zero_stage
 
 
+def init_deepspeed_distributed(**kwargs) -> None:
+    """`deepspeed.init_distributed`, without DeepSpeed's shared-memory all-reduce kernel on CPU.
+
+    With the CPU accelerator, DeepSpeed JIT-compiles that kernel while it sets up its comm layer: a C++
+    toolchain is required and the first run spends about a minute of both cores of a 2-core CPU compiling
+    (measured: 45–78 s), again whenever the Python environment changes. Only DeepSpeed's inference
+    all-reduce uses it; training's collectives go through torch.distributed. The op is marked incompatible
+    for this process, so `deepspeed/comm/torch.py`'s `build_shm_op` skips it. Elsewhere nothing changes."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # computed once per process, then a dict
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(**kwargs)
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -67,9 +85,7 @@ class DeepSpeedBackend(Backend):
         return zero_stage(self.ds_config)
 
     def build_model(self, build):
-        import deepspeed
-
-        deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm layer
+        init_deepspeed_distributed()  # zero.Init reads the world size from DeepSpeed's comm layer
         gloo_allgather.use_for_deepspeed()  # gloo's own all-gather stages the whole output in a copy
         # a 4-bit base cannot be built under zero.Init: each rank loads its own quantized copy (~S/8)
         if self.stage == 3 and not self.quantized:

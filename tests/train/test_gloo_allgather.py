@@ -81,10 +81,12 @@ def _worker(rank: int, port: int, results) -> None:
         checks["fsdp gathered with it"] = len(calls) >= 2
 
         # DeepSpeed's comm layer gathers through it
-        import deepspeed
         from deepspeed import comm
 
-        deepspeed.init_distributed()
+        from train.deepspeed_backend import init_deepspeed_distributed
+
+        init_deepspeed_distributed()
+        checks["no shm kernel built"] = comm.comm.cdb.shm_comm_op is None  # training never uses it on CPU
         checks["hooked"] = gloo_allgather.use_for_deepspeed()
         checks["hook is ours"] = comm.comm.cdb.all_gather_function is gloo_allgather.all_gather_into_tensor
         ds_out = torch.empty(4)

@@ -110,10 +110,11 @@ def _spawned(rank: int, port: int, results, world: int) -> None:
 def _matches_deepspeed_ulysses(group) -> bool:
     """Our exchange against DeepSpeed-Ulysses' own (`deepspeed.sequence.layer._SeqAllToAll`, its [batch, seq,
     heads, dim] layout): the same forward for both directions, and the same gradient back."""
-    import deepspeed
     from deepspeed.sequence.layer import _SeqAllToAll
 
-    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer over the process group already made
+    from train.deepspeed_backend import init_deepspeed_distributed
+
+    init_deepspeed_distributed(dist_backend="gloo")  # DeepSpeed's comm layer over the process group already made
 
     from train.attention import all_to_all
 
