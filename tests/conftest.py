@@ -84,3 +84,10 @@ def zero3_all_partitioned(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ds") / "zero3_threshold0.json"
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-process (slow) tests first, keeping the order within each group: the longest tests start while both
+    xdist workers have a queue, and the short in-process ones fill the end instead of one worker finishing a
+    three-minute resume chain alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
