@@ -349,9 +349,9 @@ class Checkpointer:
         raise CheckpointWriteError(f"{final.name} could not be written ({why}); {kept}")
 
     # --- load -------------------------------------------------------------------------------------
-    def load(self, path: Path, model, optimizer, scheduler, run_facts: dict) -> dict:
-        """Restore weights, optimizer, schedule and (same world size) RNG; returns the trainer state."""
-        state = check_resumable(path, run_facts)
+    def load(self, path: Path, model, optimizer, scheduler, state: dict) -> dict:
+        """Restore weights, optimizer, schedule and (same world size) RNG from a checkpoint whose trainer
+        `state` check_resumable returned (checked before the model was built); returns that state."""
         self.backend.load_checkpoint_state(path, model, optimizer)
         scheduler.load_state_dict(_fit_groups(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
                                               len(optimizer.param_groups)))

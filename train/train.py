@@ -96,8 +96,8 @@ def run(cfg: TrainConfig) -> int:
                      "seed": cfg.seed, "data": f"{len(lengths)} samples (lengths {lengths_fingerprint(lengths)})"}
 
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        if resume is not None:
-            check_resumable(resume, run_facts)  # before the model: a resume that cannot be honoured fails now
+        # before the model: a resume that cannot be honoured fails now
+        resume_state = check_resumable(resume, run_facts) if resume is not None else None
 
         # the backend decides how weights arrive: sharded backends never materialize the full model on
         # more than one rank (FSDP2: meta + rank-0 broadcast; ZeRO-3: partitioned at construction)
@@ -119,7 +119,7 @@ def run(cfg: TrainConfig) -> int:
         state = LoopState()
         saved: dict = {}
         if resume is not None:
-            saved = checkpointer.load(resume, wrapped, optimizer, scheduler, run_facts)
+            saved = checkpointer.load(resume, wrapped, optimizer, scheduler, resume_state)
             state = LoopState.from_dict(saved)
             state.sampler = rescale_sampler_state(state.sampler, saved.get("data_parallel_size", saved["world_size"]),
                                                   saved["per_device_train_batch_size"], sp.dp_size,

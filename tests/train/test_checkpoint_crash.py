@@ -16,7 +16,7 @@ import torch
 from helpers import ENV, ROOT, common, losses, run, train_cmd
 
 from train.backends import Backend
-from train.checkpoint import Checkpointer, list_checkpoints, resolve_resume
+from train.checkpoint import Checkpointer, check_resumable, list_checkpoints, resolve_resume
 from train.distributed import DistInfo
 
 INFO = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -108,7 +108,8 @@ def test_kill_9_at_random_moments_always_leaves_the_newest_complete_checkpoint_l
             assert step >= reported, (step, reported)  # every save that returned is complete
             assert resolve_resume("auto", str(out)) == newest
             model, optimizer, scheduler = _objects()
-            Checkpointer(str(out), INFO, Backend(INFO)).load(newest, model, optimizer, scheduler, {})
+            Checkpointer(str(out), INFO, Backend(INFO)).load(newest, model, optimizer, scheduler,
+                                                              check_resumable(newest, {}))
             assert all(torch.equal(p, torch.full_like(p, step)) for p in model.parameters()), newest
             assert len(found) <= 3  # --save_total_limit 2, plus one when killed between publishing and rotating
     finally:
